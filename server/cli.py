@@ -1,0 +1,224 @@
+"""`cliplens`: serve MCP (stdio or HTTP), or run any tool's core from the shell."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from pydantic import BaseModel, ValidationError
+
+from .config import ENV_ALLOW, Settings
+from .encoder import DEVICES, ModelLoadError
+from .store import StoreError
+
+log = logging.getLogger("cliplens")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="hub id or local folder of a CLIP-family model (env CLIPLENS_MODEL)")
+    parser.add_argument("--db", type=Path, help="embedded store folder (env CLIPLENS_DB)")
+    parser.add_argument("--chroma-url", help="use a Chroma server, e.g. http://127.0.0.1:8000")
+    parser.add_argument(
+        "--allow",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="DIR",
+        help=f"a folder the server may read; repeatable (env {ENV_ALLOW}, separated by ':')",
+    )
+    parser.add_argument("--device", choices=DEVICES, help="where the model runs (default: auto)")
+    parser.add_argument("--json", action="store_true", help="print the tool's structured output as JSON")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more to stderr")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cliplens", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the MCP server (stdio by default)")
+    _common(serve)
+    serve.add_argument("--http", action="store_true", help="serve streamable HTTP instead of stdio")
+    serve.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8765, help="HTTP port (default 8765)")
+    serve.add_argument("--token", help="bearer token required by HTTP clients (env CLIPLENS_HTTP_TOKEN)")
+    serve.add_argument("--allowed-host", action="append", default=[], help="extra Host header value to accept")
+    serve.add_argument("--no-thumbnails", action="store_true", help="never attach thumbnails to search results")
+
+    index = sub.add_parser("index", help="index a folder")
+    _common(index)
+    index.add_argument("path")
+    index.add_argument("--no-recursive", action="store_true", help="only the folder itself")
+    index.add_argument("--no-prune", action="store_true", help="keep entries of deleted files")
+
+    search = sub.add_parser("search", help="search the index by text")
+    _common(search)
+    search.add_argument("query")
+    search.add_argument("--top-k", type=int, default=8)
+    search.add_argument("--folder")
+    search.add_argument("--min-score", type=float)
+
+    classify = sub.add_parser("classify", help="zero-shot classify images")
+    _common(classify)
+    classify.add_argument("images", nargs="+", metavar="IMAGE")
+    classify.add_argument("--label", action="append", required=True, dest="labels", metavar="L")
+    classify.add_argument("--template", action="append", dest="templates", metavar="T")
+
+    explain = sub.add_parser("explain", help="explain the image-caption similarity matrix")
+    _common(explain)
+    explain.add_argument("--image", action="append", required=True, dest="images", metavar="I")
+    explain.add_argument("--caption", action="append", required=True, dest="captions", metavar="C")
+    explain.add_argument("--heatmap", type=Path, help="write the heatmap PNG here")
+
+    demo = sub.add_parser("demo", help="the whole product offline: render, index, search, explain")
+    demo.add_argument("out", type=Path, nargs="?", default=Path("cliplens-demo"))
+    demo.add_argument("--model", help="a real model to use instead of the small one built for the demo")
+    demo.add_argument("--device", choices=DEVICES)
+    return parser
+
+
+def _settings(args: argparse.Namespace, *, default_allow: Sequence[Path]) -> Settings:
+    settings = Settings.from_env(
+        model=args.model, device=args.device, db_dir=args.db, chroma_url=args.chroma_url, allow=args.allow
+    )
+    if not settings.allow:
+        # The shell user already has their own rights; only the server needs --allow.
+        settings.allow = list(default_allow)
+    return settings
+
+
+def _print(result: BaseModel, as_json: bool, human: Callable[[], None]) -> None:
+    if as_json:
+        print(result.model_dump_json(indent=2))
+    else:
+        human()
+
+
+def _progress_bar(done: int, total: int, message: str) -> None:
+    width = 30
+    filled = width if total == 0 else int(width * done / total)
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {message[:40]:40}")
+    if done >= total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+def _run_tool(args: argparse.Namespace) -> int:
+    from ..tools import explain_similarity_matrix as ex
+    from ..tools import index_folder as ix
+    from ..tools import search_images as se
+    from ..tools import zero_shot_classify as zs
+    from .app import open_engine
+
+    root = Path(Path.cwd().anchor)
+    with open_engine(_settings(args, default_allow=[root])) as app:
+        if args.command == "index":
+            request = ix.IndexFolderInput(
+                path=str(Path(args.path).absolute()), recursive=not args.no_recursive, prune=not args.no_prune
+            )
+            progress = None if args.json else _progress_bar
+            r = ix.index_folder(app.encoder, app.store, app.policy, request, progress=progress)
+            _print(
+                r,
+                args.json,
+                lambda: print(
+                    f"{r.folder}: {r.scanned} images, {r.added} added, {r.updated} updated, {r.unchanged} unchanged, "
+                    f"{r.removed} removed, {r.skipped_count} skipped in {r.seconds:.1f}s "
+                    f"({r.images_per_second:.1f} img/s, {r.model} on {r.device})"
+                    + "".join(f"\n  skipped {s.reason}: {s.path}" for s in r.skipped)
+                ),
+            )
+        elif args.command == "search":
+            folder = str(Path(args.folder).absolute()) if args.folder else None
+            req = se.SearchImagesInput(
+                query=args.query, top_k=args.top_k, folder=folder, min_score=args.min_score, thumbnails=False
+            )
+            s = se.search_images(app.encoder, app.store, app.policy, req)
+            _print(
+                s,
+                args.json,
+                lambda: print(
+                    "\n".join(f"{h.rank:3d}  {h.score:+.4f}  {h.path}" for h in s.hits) or s.hint or "no hits"
+                ),
+            )
+        elif args.command == "classify":
+            images = [str(Path(p).absolute()) for p in args.images]
+            zreq = zs.ZeroShotInput(images=images, labels=args.labels, templates=args.templates)
+            z = zs.zero_shot_classify(app.encoder, app.policy, zreq)
+            _print(
+                z,
+                args.json,
+                lambda: print(
+                    "\n".join(f"{c.image}: {c.top_label} ({c.probabilities[c.top_label]:.3f})" for c in z.results)
+                ),
+            )
+        else:
+            images = [str(Path(p).absolute()) for p in args.images]
+            e = ex.explain_similarity_matrix(
+                app.encoder, app.policy, ex.ExplainInput(images=images, captions=args.captions)
+            )
+            if args.heatmap:
+                import numpy as np
+
+                from .render import heatmap_png
+
+                args.heatmap.write_bytes(heatmap_png(np.array(e.cosine)))
+            _print(e, args.json, lambda: print(format_matrix(e.cosine, e.loss, e.loss_kind, e.readings)))
+    return 0
+
+
+def format_matrix(cosine: list[list[float]], loss: float, loss_kind: str, readings: Sequence[object]) -> str:
+    n = len(cosine)
+    lines = ["cosine   " + " ".join(f"{'T' + str(j + 1):>7}" for j in range(n))]
+    for i, row in enumerate(cosine):
+        cells = " ".join(f"{'[' if i == j else ' '}{v:+.3f}{']' if i == j else ' '}" for j, v in enumerate(row))
+        lines.append(f"I{i + 1:<7} {cells}")
+    lines.append(f"loss = {loss:.4f}  ({loss_kind})")
+    lines.extend(getattr(r, "text", str(r)) for r in readings)
+    return "\n".join(lines)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .app import build_server
+
+    settings = _settings(args, default_allow=[])
+    if args.no_thumbnails:
+        settings.thumbnails = False
+    if not settings.allow:
+        log.warning("no folder is allowed yet: tools will refuse paths until you pass --allow DIR or set %s", ENV_ALLOW)
+    server = build_server(settings)
+    if not args.http:
+        server.run("stdio")
+        return 0
+    from .http import serve_http
+
+    return serve_http(server, host=args.host, port=args.port, token=args.token, extra_hosts=args.allowed_host)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "demo":
+            from .demo import run_demo
+
+            return run_demo(args.out, model=args.model, device=args.device or "auto")
+        return _run_tool(args)
+    except (ModelLoadError, StoreError, ValidationError, ValueError) as exc:
+        print(f"cliplens: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cliplens: interrupted; batches already written are kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

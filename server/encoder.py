@@ -1,0 +1,241 @@
+"""The CLIP-family encoder: two towers that map images and texts into one space.
+
+Any Hugging Face image-text checkpoint with `get_image_features` and `get_text_features`
+loads here through the Auto classes, by hub id or local folder: CLIP (softmax over a
+learned logit scale) and SigLIP/SigLIP2 (sigmoid, with a learned logit bias).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DEFAULT_MODEL = "openai/clip-vit-base-patch32"
+# Bumped whenever our own image path changes the pixels that reach the model, so that
+# vectors made by an older pipeline land in a different collection.
+PREPROCESSING_VERSION = 1
+
+ProbabilityKind = Literal["softmax", "sigmoid"]
+_OFFLINE_FLAGS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+class ModelLoadError(RuntimeError):
+    """The checkpoint could not be loaded; the message says what was tried and how to fix it."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_id: str  # hub id, or the resolved local folder
+    model_type: str  # config.model_type: "clip", "siglip", "siglip2", ...
+    dim: int  # embedding size of the shared space
+    fingerprint: str  # changes when the weights or preprocessing change
+    probability: ProbabilityKind
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """CUDA, then Apple MPS, then CPU, unless one is named."""
+    if requested not in DEVICES:
+        raise ValueError(f"device {requested!r} is not one of {', '.join(DEVICES)}")
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for, but torch sees no CUDA GPU; use --device auto or cpu")
+    if requested == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' was asked for, but this torch has no Apple MPS; use --device auto/cpu")
+    return torch.device(requested)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP probe, so that a machine without network fails in seconds rather than
+    after the hub client's retries with backoff (about 25 s)."""
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((endpoint.hostname or "huggingface.co", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _looks_like_path(model: str) -> bool:
+    return model.startswith(("/", ".", "~")) or model.count("/") > 1 or "\\" in model
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on") for k in _OFFLINE_FLAGS)
+
+
+def _load_failure(model: str, exc: BaseException | None, *, why: str = "") -> ModelLoadError:
+    local = Path(model).expanduser()
+    if local.is_dir():
+        tried = f"tried the local folder {local}"
+    elif _looks_like_path(model):
+        tried = f"no folder {local} exists, and {model!r} is not a hub id (owner/name)"
+    else:
+        tried = f"tried the Hugging Face hub id {model!r} in the cache ({_hf_cache()})"
+    cause = f": {type(exc).__name__}: {exc}" if exc is not None else ""
+    hints = [
+        "Fix: pass --model with a hub id such as openai/clip-vit-base-patch32 or",
+        "google/siglip-base-patch16-224,",
+        "or a local folder saved by save_pretrained (config.json, weights, tokenizer, processor config).",
+        "For an offline machine, run `hf download openai/clip-vit-base-patch32` where there is network,",
+        "copy the HF_HOME cache (default ~/.cache/huggingface) across, and set HF_HUB_OFFLINE=1.",
+    ]
+    return ModelLoadError(f"could not load model {model!r}: {tried}{why}{cause}\n" + " ".join(hints))
+
+
+def _hf_cache() -> str:
+    return os.environ.get("HF_HUB_CACHE") or str(
+        Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
+    )
+
+
+def _fingerprint(model: Any, source: str, image_processor: Any) -> str:
+    h = hashlib.sha256()
+    h.update(source.encode())
+    h.update(model.config.to_json_string(use_diff=False).encode())
+    commit = getattr(model.config, "_commit_hash", None)
+    if commit:
+        h.update(commit.encode())
+    else:
+        # Local folders have no commit: sample the weights so that two random inits differ.
+        first = next(iter(model.state_dict().values()))
+        h.update(first.detach().float().cpu().numpy().tobytes()[:65536])
+    h.update(json.dumps(image_processor.to_dict(), sort_keys=True, default=str).encode())
+    h.update(str(PREPROCESSING_VERSION).encode())
+    return h.hexdigest()[:16]
+
+
+class ClipEncoder:
+    """Holds one image-text model and its processor; every output is L2-normalised float32."""
+
+    def __init__(self, model: Any, processor: Any, model_id: str, device: torch.device) -> None:
+        self.model = model
+        self.processor = processor
+        self.device = device
+        config = model.config
+        self.model_type: str = config.model_type
+        self.probability: ProbabilityKind = "sigmoid" if self.model_type.startswith("siglip") else "softmax"
+        # The model runs one batch at a time; tool calls may arrive concurrently.
+        self._lock = threading.Lock()
+        self.dtype = next(model.parameters()).dtype
+        probe = self.embed_texts(["a photo"])
+        self.info = ModelInfo(
+            model_id=model_id,
+            model_type=self.model_type,
+            dim=int(probe.shape[1]),
+            fingerprint=_fingerprint(model, model_id, processor.image_processor),
+            probability=self.probability,
+        )
+
+    @property
+    def logit_scale(self) -> float:
+        """exp of the learned temperature parameter: the factor applied to cosines."""
+        return float(self.model.logit_scale.detach().float().exp().item())
+
+    @property
+    def logit_bias(self) -> float | None:
+        bias = getattr(self.model, "logit_bias", None)
+        return None if bias is None else float(bias.detach().float().reshape(-1)[0].item())
+
+    def _unit(self, out: Any) -> np.ndarray:
+        feats = out.pooler_output if hasattr(out, "pooler_output") else out
+        feats = feats.float()
+        feats = feats / feats.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return feats.cpu().numpy().astype(np.float32)
+
+    @torch.inference_mode()
+    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """(N, D) unit vectors for N RGB images, via the model's own image processor."""
+        if not images:
+            return np.zeros((0, self.info.dim), np.float32)
+        inputs = self.processor(images=list(images), return_tensors="pt")
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        with self._lock:
+            out = self.model.get_image_features(**inputs)
+        return self._unit(out)
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        # SigLIP was trained on max-length padding; CLIP pools at the end-of-text token and
+        # needs no padding beyond the batch.
+        padding = "max_length" if self.probability == "sigmoid" else True
+        kwargs: dict[str, Any] = {"padding": padding, "truncation": True, "return_tensors": "pt"}
+        if self.probability == "sigmoid":
+            kwargs["max_length"] = 64
+        return dict(self.processor(text=list(texts), **kwargs))
+
+    @torch.inference_mode()
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """(N, D) unit vectors for N texts."""
+        inputs = {k: v.to(self.device) for k, v in self.tokenize(texts).items()}
+        with self._lock:
+            out = self.model.get_text_features(**inputs)
+        return self._unit(out)
+
+
+def _from_pretrained(source: str, dtype: torch.dtype, local_only: bool) -> tuple[Any, Any]:
+    from transformers import AutoModel, AutoProcessor
+
+    net = AutoModel.from_pretrained(source, dtype=dtype, local_files_only=local_only)
+    processor = AutoProcessor.from_pretrained(source, local_files_only=local_only)
+    return net, processor
+
+
+def load_encoder(model: str = DEFAULT_MODEL, device: str = "auto") -> ClipEncoder:
+    """Load any CLIP-family checkpoint by hub id or local folder, failing fast and helpfully."""
+    dev = pick_device(device)
+    local = Path(model).expanduser()
+    is_dir = local.is_dir()
+    source = str(local.resolve()) if is_dir else model
+    dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    if not is_dir and _looks_like_path(model):
+        raise _load_failure(model, None)
+    try:
+        # The cache first: a cached hub model then loads without touching the network.
+        net, processor = _from_pretrained(source, dtype, local_only=True)
+    except Exception as cache_exc:  # transformers raises OSError, ValueError, KeyError... for bad ids
+        if is_dir or _hub_offline():
+            why = " (HF_HUB_OFFLINE is set, so only the cache was searched)" if _hub_offline() else ""
+            raise _load_failure(model, cache_exc, why=why) from cache_exc
+        if not _hub_reachable():
+            why = " and it is not cached; the hub is unreachable"
+            raise _load_failure(model, None, why=why) from cache_exc
+        try:
+            net, processor = _from_pretrained(source, dtype, local_only=False)
+        except Exception as exc:
+            raise _load_failure(model, exc) from exc
+    if not (hasattr(net, "get_image_features") and hasattr(net, "get_text_features")):
+        raise ModelLoadError(
+            f"model {model!r} loaded as {type(net).__name__}, which is not an image-text model: "
+            "it lacks get_image_features/get_text_features. Use a CLIP, SigLIP or SigLIP2 checkpoint."
+        )
+    if not (hasattr(processor, "image_processor") and hasattr(processor, "tokenizer")):
+        raise ModelLoadError(
+            f"model {model!r} has no joint image+text processor ({type(processor).__name__}); "
+            "its folder needs processor_config.json (or preprocessor_config.json) and a tokenizer."
+        )
+    net.eval().to(dev)
+    log.info("loaded %s (%s) on %s as %s", source, net.config.model_type, dev, dtype)
+    return ClipEncoder(net, processor, source, dev)

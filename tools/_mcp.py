@@ -1,0 +1,70 @@
+"""The thin edge between the pure tool cores and MCP: threads, errors, progress, results."""
+
+from __future__ import annotations
+
+import base64
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar, cast
+
+import anyio.from_thread
+import anyio.to_thread
+from mcp.server.mcpserver import Context
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp_types import CallToolResult, ContentBlock, ImageContent, TextContent
+from pydantic import BaseModel, ValidationError
+
+from ..server.app import AppContext
+from ..server.encoder import ModelLoadError
+from ..server.images import ImageRejected
+from ..server.store import StoreError
+
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+
+# Failures the caller can act on: their messages go back to the model as they are.
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, StoreError, ModelLoadError, ImageRejected)
+
+
+def engine(ctx: Context) -> AppContext:
+    return cast(AppContext, ctx.request_context.lifespan_context)
+
+
+async def run_core(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """Run a blocking core function in a worker thread; turn expected errors into ToolError."""
+    try:
+        return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
+    except EXPECTED_ERRORS as exc:
+        raise ToolError(str(exc)) from exc
+
+
+def progress_reporter(ctx: Context) -> Callable[[int, int, str], None]:
+    """A callback the worker thread can call to send MCP progress notifications."""
+
+    def report(done: int, total: int, message: str) -> None:
+        anyio.from_thread.run(ctx.report_progress, done, total, message)
+
+    return report
+
+
+def check_cancelled() -> None:
+    """Raise inside the worker thread once the client has cancelled the request."""
+    anyio.from_thread.check_cancelled()
+
+
+def image_block(data: bytes, mime: str) -> ImageContent:
+    return ImageContent(type="image", data=base64.b64encode(data).decode("ascii"), mime_type=mime)
+
+
+def tool_result(output: BaseModel, images: Sequence[ContentBlock] = ()) -> CallToolResult:
+    """Structured output (the tool's output schema) plus its JSON text and any images."""
+    text = TextContent(type="text", text=output.model_dump_json())
+    return CallToolResult(content=[text, *images], structured_content=output.model_dump(mode="json"))
+
+
+def parse(model: type[M], **fields: Any) -> M:
+    """Build a tool's input model; a rule it breaks comes back as a ToolError naming the value."""
+    try:
+        return model(**fields)
+    except ValidationError as exc:
+        raise ToolError(str(exc)) from exc
