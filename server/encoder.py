@@ -195,12 +195,27 @@ class ClipEncoder:
         return self._unit(out)
 
 
+class _NotImageText(Exception):
+    pass
+
+
 def _from_pretrained(source: str, dtype: torch.dtype, local_only: bool) -> tuple[Any, Any]:
     from transformers import AutoModel, AutoProcessor
 
     net = AutoModel.from_pretrained(source, dtype=dtype, local_files_only=local_only)
+    # Checked before the processor, whose absence would hide the real problem.
+    if not (hasattr(net, "get_image_features") and hasattr(net, "get_text_features")):
+        raise _NotImageText(type(net).__name__)
     processor = AutoProcessor.from_pretrained(source, local_files_only=local_only)
     return net, processor
+
+
+def _not_image_text(model: str, class_name: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"model {model!r} loaded as {class_name}, which is not an image-text model: it lacks "
+        "get_image_features/get_text_features. Use a CLIP, SigLIP or SigLIP2 checkpoint, "
+        "e.g. --model openai/clip-vit-base-patch32."
+    )
 
 
 def load_encoder(model: str = DEFAULT_MODEL, device: str = "auto") -> ClipEncoder:
@@ -215,6 +230,8 @@ def load_encoder(model: str = DEFAULT_MODEL, device: str = "auto") -> ClipEncode
     try:
         # The cache first: a cached hub model then loads without touching the network.
         net, processor = _from_pretrained(source, dtype, local_only=True)
+    except _NotImageText as exc:
+        raise _not_image_text(model, str(exc)) from None
     except Exception as cache_exc:  # transformers raises OSError, ValueError, KeyError... for bad ids
         if is_dir or _hub_offline():
             why = " (HF_HUB_OFFLINE is set, so only the cache was searched)" if _hub_offline() else ""
@@ -224,13 +241,10 @@ def load_encoder(model: str = DEFAULT_MODEL, device: str = "auto") -> ClipEncode
             raise _load_failure(model, None, why=why) from cache_exc
         try:
             net, processor = _from_pretrained(source, dtype, local_only=False)
+        except _NotImageText as exc:
+            raise _not_image_text(model, str(exc)) from None
         except Exception as exc:
             raise _load_failure(model, exc) from exc
-    if not (hasattr(net, "get_image_features") and hasattr(net, "get_text_features")):
-        raise ModelLoadError(
-            f"model {model!r} loaded as {type(net).__name__}, which is not an image-text model: "
-            "it lacks get_image_features/get_text_features. Use a CLIP, SigLIP or SigLIP2 checkpoint."
-        )
     if not (hasattr(processor, "image_processor") and hasattr(processor, "tokenizer")):
         raise ModelLoadError(
             f"model {model!r} has no joint image+text processor ({type(processor).__name__}); "
