@@ -48,7 +48,7 @@ def _byte_level_bpe(words: Iterable[str]) -> tuple[dict[str, int], list[tuple[st
 def build_tiny_model(
     out_dir: Path,
     *,
-    kind: Literal["clip", "siglip"] = "clip",
+    kind: Literal["clip", "siglip", "siglip2"] = "clip",
     seed: int = 0,
     image_size: int = 32,
     width: int = 32,
@@ -70,7 +70,7 @@ def build_tiny_model(
     text = {
         **towers,
         "vocab_size": len(vocab),
-        "max_position_embeddings": 77 if kind == "clip" else 64,
+        "max_position_embeddings": 77 if kind == "clip" else 64,  # SigLIP pads to 64
         "eos_token_id": tokenizer.eos_token_id,
         "bos_token_id": tokenizer.bos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
@@ -95,8 +95,19 @@ def build_tiny_model(
         model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision))
         image_processor = SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
         processor = SiglipProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    elif kind == "siglip2":
+        from transformers import Siglip2Config, Siglip2Model, Siglip2Processor
+        from transformers.models.siglip2.image_processing_pil_siglip2 import Siglip2ImageProcessorPil
+
+        # Siglip2Processor passes patch_size=16 and max_num_patches=256 on every call, so the
+        # tower must take 16-pixel patches and up to 256 of them, whatever the image size.
+        text["projection_size"] = width
+        vision = {**towers, "patch_size": 16, "num_patches": 256}
+        model = Siglip2Model(Siglip2Config(text_config=text, vision_config=vision))
+        image_processor = Siglip2ImageProcessorPil(patch_size=16, max_num_patches=256)
+        processor = Siglip2Processor(image_processor=image_processor, tokenizer=tokenizer)
     else:
-        raise ValueError(f"kind {kind!r} is not one of 'clip', 'siglip'")
+        raise ValueError(f"kind {kind!r} is not one of 'clip', 'siglip', 'siglip2'")
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return out_dir

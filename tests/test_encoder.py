@@ -121,6 +121,16 @@ def test_siglip_loads_with_bias_and_sigmoid(tiny_siglip: Path) -> None:
     assert encoder.info.model_type == "siglip" and encoder.info.dim == 32
 
 
+def test_siglip2_loads_and_embeds_any_aspect_ratio(tmp_path: Path) -> None:
+    from cliplens.server.tinymodel import build_tiny_model
+
+    encoder = load_encoder(str(build_tiny_model(tmp_path / "s2", kind="siglip2")), "cpu")
+    assert encoder.info.model_type == "siglip2" and encoder.probability == "sigmoid"
+    vecs = encoder.embed_images([Image.new("RGB", (50, 70), "red"), Image.new("RGB", (300, 40), "blue")])
+    assert vecs.shape == (2, 32) and np.allclose(np.linalg.norm(vecs, axis=1), 1, atol=1e-5)
+    assert encoder.embed_texts(["a red bicycle"]).shape == (1, 32)
+
+
 def test_two_models_with_one_size_get_different_fingerprints(tiny_clip: Path, tmp_path: Path) -> None:
     from cliplens.server.tinymodel import build_tiny_model
 
