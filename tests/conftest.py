@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cliplens.server.app import build_server
-from cliplens.server.config import Settings
-from cliplens.server.tinymodel import build_tiny_model
 from mcp import Client
 from mcp_types import CallToolResult
 from PIL import Image
+
+from cliplens.server.app import build_server
+from cliplens.server.config import Settings
+from cliplens.server.tinymodel import build_tiny_model
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 160, 60), "blue": (30, 60, 220), "yellow": (230, 210, 30)}
 

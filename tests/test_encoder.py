@@ -54,7 +54,8 @@ def test_exif_rotation_is_applied_before_the_model(tiny_clip: Path, tmp_path: Pa
     exif[0x0112] = 6
     stored.save(tmp_path / "rotated.jpg", quality=95, exif=exif)
     encoder = load_encoder(str(tiny_clip), "cpu")
-    a, b = encoder.embed_images([load_image(tmp_path / "upright.jpg").image, load_image(tmp_path / "rotated.jpg").image])
+    pictures = [load_image(tmp_path / name).image for name in ("upright.jpg", "rotated.jpg")]
+    a, b = encoder.embed_images(pictures)
     assert float(a @ b) > 0.99
 
 
@@ -65,7 +66,7 @@ def test_a_cached_hub_model_loads_offline_by_id(tiny_clip: Path, tmp_path: Path)
     shutil.copytree(tiny_clip, snapshot)
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text("0" * 40)
-    code = "from cliplens.server.encoder import load_encoder; e = load_encoder('acme/tiny-clip', 'cpu'); print(e.info.dim)"
+    code = "from cliplens.server.encoder import load_encoder; print(load_encoder('acme/tiny-clip', 'cpu').info.dim)"
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -76,8 +77,12 @@ def test_a_cached_hub_model_loads_offline_by_id(tiny_clip: Path, tmp_path: Path)
 def test_an_uncached_hub_id_fails_fast_and_says_how_to_fix_it(tmp_path: Path, offline: str) -> None:
     code = "from cliplens.server.encoder import load_encoder; load_encoder('openai/clip-vit-base-patch32', 'cpu')"
     # Point the hub at a closed local port, so this never leaves the machine.
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": offline,
-           "HF_ENDPOINT": "http://127.0.0.1:9"}
+    env = {
+        **os.environ,
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_HUB_OFFLINE": offline,
+        "HF_ENDPOINT": "http://127.0.0.1:9",
+    }
     started = time.monotonic()
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     elapsed = time.monotonic() - started
@@ -89,7 +94,7 @@ def test_an_uncached_hub_id_fails_fast_and_says_how_to_fix_it(tmp_path: Path, of
 
 
 def test_a_missing_folder_is_named(tmp_path: Path) -> None:
-    with pytest.raises(ModelLoadError, match="no folder .*nope exists"):
+    with pytest.raises(ModelLoadError, match=r"no folder .*nope exists"):
         load_encoder(str(tmp_path / "nope"), "cpu")
 
 

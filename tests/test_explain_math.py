@@ -33,9 +33,13 @@ def _reference(model_dir: Path, paths: list[Path], captions: list[str], sigmoid:
         img = F.normalize(model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output, dim=-1)
         txt_inputs = {k: v for k, v in inputs.items() if k != "pixel_values"}
         txt = F.normalize(model.get_text_features(**txt_inputs).pooler_output, dim=-1)
-    return {"out_logits": out.logits_per_image, "out_loss": out.loss, "cos": img @ txt.T,
-            "scale": model.logit_scale.detach().exp(),
-            "bias": getattr(model, "logit_bias", torch.zeros(1)).detach()}
+    return {
+        "out_logits": out.logits_per_image,
+        "out_loss": out.loss,
+        "cos": img @ txt.T,
+        "scale": model.logit_scale.detach().exp(),
+        "bias": getattr(model, "logit_bias", torch.zeros(1)).detach(),
+    }
 
 
 async def test_clip_matrix_equals_the_models_own_forward_and_functional(
@@ -43,8 +47,11 @@ async def test_clip_matrix_equals_the_models_own_forward_and_functional(
 ) -> None:
     paths = _images(settings.allow[0] / "pairs")
     async with connect(settings) as client:
-        out = structured(await client.call_tool("explain_similarity_matrix", {
-            "images": [str(p) for p in paths], "captions": CAPTIONS}))
+        out = structured(
+            await client.call_tool(
+                "explain_similarity_matrix", {"images": [str(p) for p in paths], "captions": CAPTIONS}
+            )
+        )
     ref = _reference(tiny_clip, paths, CAPTIONS, sigmoid=False)
     cos = torch.tensor(out["cosine"], dtype=torch.float64)
     logits = torch.tensor(out["logits"], dtype=torch.float64)
@@ -78,8 +85,11 @@ async def test_siglip_matrix_uses_the_sigmoid_loss_with_bias(tiny_siglip: Path, 
     paths = _images(folder)
     settings = Settings(model=str(tiny_siglip), device="cpu", db_dir=tmp_path / "db", allow=[folder])
     async with connect(settings) as client:
-        out = structured(await client.call_tool("explain_similarity_matrix", {
-            "images": [str(p) for p in paths], "captions": CAPTIONS}))
+        out = structured(
+            await client.call_tool(
+                "explain_similarity_matrix", {"images": [str(p) for p in paths], "captions": CAPTIONS}
+            )
+        )
     ref = _reference(tiny_siglip, paths, CAPTIONS, sigmoid=True)
     assert out["probability"] == "sigmoid"
     assert out["logit_bias"] == pytest.approx(float(ref["bias"].reshape(-1)[0]), abs=1e-6)
@@ -98,8 +108,12 @@ async def test_zero_shot_with_siglip_gives_independent_sigmoids(tiny_siglip: Pat
     paths = _images(folder)
     settings = Settings(model=str(tiny_siglip), device="cpu", db_dir=tmp_path / "db", allow=[folder])
     async with connect(settings) as client:
-        out = structured(await client.call_tool("zero_shot_classify", {
-            "images": [str(paths[0])], "labels": ["red", "green", "blue"], "templates": ["a {} square"]}))
+        out = structured(
+            await client.call_tool(
+                "zero_shot_classify",
+                {"images": [str(paths[0])], "labels": ["red", "green", "blue"], "templates": ["a {} square"]},
+            )
+        )
     res = out["results"][0]
     scale, bias = out["logit_scale"], out["logit_bias"]
     for label in ("red", "green", "blue"):

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import EpsImagePlugin, Image, ImageFile
+
 from cliplens.server import images
 from cliplens.server.images import (
     IMAGE_EXTENSIONS,
@@ -21,7 +23,6 @@ from cliplens.server.images import (
     thumbnail_jpeg,
     to_rgb,
 )
-from PIL import EpsImagePlugin, Image, ImageFile
 
 
 def noisy_rgb(w: int = 128, h: int = 96, seed: int = 0) -> Image.Image:

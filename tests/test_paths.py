@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from cliplens.server.paths import PathError, PathPolicy, WalkItem
 
 EXTS = {".jpg", ".png"}

@@ -4,11 +4,12 @@ import json
 import re
 
 import pytest
-from cliplens.prompts import MAX_ARG_CHARS, TOPICS, default_templates, how_clip_works_text, register_prompts
 from mcp import Client
 from mcp.server.mcpserver import MCPServer
 from mcp.shared.exceptions import MCPError
 from mcp_types import TextContent
+
+from cliplens.prompts import MAX_ARG_CHARS, TOPICS, default_templates, how_clip_works_text, register_prompts
 
 TOOLS = {"index_folder", "search_images", "zero_shot_classify", "explain_similarity_matrix"}
 # Every other snake_case word the prompts may contain: tool arguments, result fields, code, topics.

@@ -71,12 +71,14 @@ def test_folder_prefixes_are_component_wise_and_escaped(settings: Settings, name
     store = _store(settings)
     dim = store.info.dim
     folder = Path("/data") / name
-    store.upsert([
-        _record(str(folder / "in.png"), dim, 1),
-        _record(str(folder / "deep" / "in2.png"), dim, 2),
-        _record(str(Path("/data") / (name + "2") / "out.png"), dim, 3),
-        _record(str(Path("/x") / name / "out2.png"), dim, 4),
-    ])
+    store.upsert(
+        [
+            _record(str(folder / "in.png"), dim, 1),
+            _record(str(folder / "deep" / "in2.png"), dim, 2),
+            _record(str(Path("/data") / (name + "2") / "out.png"), dim, 3),
+            _record(str(Path("/x") / name / "out2.png"), dim, 4),
+        ]
+    )
     assert set(store.entries_under(folder)) == {str(folder / "in.png"), str(folder / "deep" / "in2.png")}
     assert set(store.entries_under(folder, recursive=False)) == {str(folder / "in.png")}
     hits = store.query(_record("q", dim, 1).embedding, 10, [folder])
@@ -101,9 +103,7 @@ def test_a_second_owner_gets_a_read_only_store(settings: Settings) -> None:
     second.release()
 
 
-async def test_cancelling_index_keeps_finished_batches_and_the_server_alive(
-    settings: Settings, photos: Path
-) -> None:
+async def test_cancelling_index_keeps_finished_batches_and_the_server_alive(settings: Settings, photos: Path) -> None:
     for i in range(200):
         make_image(photos / "many" / f"{i:03d}.png", (i, 255 - i, (7 * i) % 255))
     async with connect(settings) as client:

@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from mcp import Client
+from PIL import Image
+
 from cliplens.server.app import build_server, open_engine
 from cliplens.server.config import Settings
 from cliplens.server.images import load_image
 from cliplens.tools.zero_shot_classify import class_embeddings
-from mcp import Client
-from PIL import Image
 
 from .conftest import connect, error_text, make_image, structured
 
