@@ -8,8 +8,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from .encoder import DEFAULT_MODEL, DEVICES
-
-ENV_ALLOW = "CLIPLENS_ALLOW"
+from .paths import ALLOW_ENV as ENV_ALLOW
 
 
 def default_db_dir() -> Path:

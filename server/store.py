@@ -163,6 +163,17 @@ class ImageStore:
                 return found
             offset += page
 
+    def entries_for(self, paths: Sequence[str]) -> dict[str, StoredImage]:
+        """Stored images at exactly these paths, by path (for files reached through links)."""
+        found: dict[str, StoredImage] = {}
+        if self._collection is None:
+            return found
+        for batch in self._batches(list(paths)):
+            got = self._collection.get(ids=[path_id(p) for p in batch], include=["documents", "metadatas"])
+            for doc, meta in zip(got["documents"] or [], got["metadatas"] or [], strict=True):
+                found[doc] = _to_stored(doc, dict(meta))
+        return found
+
     def _batches(self, items: Sequence[Any]) -> Iterator[Sequence[Any]]:
         for start in range(0, len(items), self.max_batch):
             yield items[start : start + self.max_batch]

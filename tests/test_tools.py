@@ -248,3 +248,17 @@ def test_unit_vectors_are_float32(settings: Settings, photos: Path) -> None:
     assert v.dtype == np.float32 and t.dtype == np.float32
     assert np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-5)
     assert np.allclose(np.linalg.norm(t, axis=1), 1, atol=1e-5)
+
+
+async def test_a_link_to_a_file_elsewhere_in_the_allowed_folders_is_unchanged_on_reindex(
+    settings: Settings, photos: Path
+) -> None:
+    (photos / "sub" / "alias.png").symlink_to(photos / "red.png")
+    async with connect(settings) as client:
+        first = structured(await client.call_tool("index_folder", {"path": str(photos / "sub")}))
+        assert (first["scanned"], first["added"]) == (2, 2)
+        again = structured(await client.call_tool("index_folder", {"path": str(photos / "sub")}))
+        assert (again["added"], again["unchanged"], again["removed"]) == (0, 2, 0)
+        everything = structured(await client.call_tool("index_folder", {"path": str(photos)}))
+        # red.png is one file, reached twice: stored once, under its real path.
+        assert (everything["scanned"], everything["added"], everything["unchanged"]) == (4, 2, 2)

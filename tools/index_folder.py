@@ -101,15 +101,19 @@ def index_folder(
         if item.skip_reason:
             skips.add(item.path, item.skip_reason, item.detail)
             continue
-        key = str(item.path)
-        seen.add(key)
+        seen.add(str(item.path))
+    # A link inside the folder may lead to a file elsewhere in the allowed folders: its
+    # entry is not under `folder`, so look it up by path.
+    known.update(store.entries_for([p for p in seen if p not in known]))
+    for key in sorted(seen):
+        path = Path(key)
         try:
-            st = item.path.stat()
+            st = path.stat()
         except OSError as exc:
-            skips.add(item.path, "unreadable", exc.strerror or type(exc).__name__)
+            skips.add(path, "unreadable", exc.strerror or type(exc).__name__)
             continue
         if not _unchanged(known.get(key), st):
-            todo.append(item.path)
+            todo.append(path)
     scanned = len(seen)
     unchanged = scanned - len(todo)
     added = updated = done = 0
