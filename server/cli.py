@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, ValidationError
 
 from .config import ENV_ALLOW, Settings
 from .encoder import DEVICES, ModelLoadError
+from .images import ImageRejected
 from .store import StoreError
 
 log = logging.getLogger("cliplens")
@@ -89,13 +92,6 @@ def _settings(args: argparse.Namespace, *, default_allow: Sequence[Path]) -> Set
     return settings
 
 
-def _print(result: BaseModel, as_json: bool, human: Callable[[], None]) -> None:
-    if as_json:
-        print(result.model_dump_json(indent=2))
-    else:
-        human()
-
-
 def _progress_bar(done: int, total: int, message: str) -> None:
     width = 30
     filled = width if total == 0 else int(width * done / total)
@@ -105,67 +101,73 @@ def _progress_bar(done: int, total: int, message: str) -> None:
     sys.stderr.flush()
 
 
+def _absolute(paths: Sequence[str]) -> list[str]:
+    return [str(Path(p).absolute()) for p in paths]
+
+
 def _run_tool(args: argparse.Namespace) -> int:
     from ..tools import explain_similarity_matrix as ex
     from ..tools import index_folder as ix
     from ..tools import search_images as se
     from ..tools import zero_shot_classify as zs
-    from .app import open_engine
+    from .app import AppContext, open_engine
 
-    root = Path(Path.cwd().anchor)
-    with open_engine(_settings(args, default_allow=[root])) as app:
-        if args.command == "index":
-            request = ix.IndexFolderInput(
-                path=str(Path(args.path).absolute()), recursive=not args.no_recursive, prune=not args.no_prune
+    # Inputs are checked before the model loads, so a typo fails in a moment, not seconds.
+    if args.command == "index":
+        ireq = ix.IndexFolderInput(
+            path=_absolute([args.path])[0], recursive=not args.no_recursive, prune=not args.no_prune
+        )
+        progress = None if args.json else _progress_bar
+
+        def run(app: AppContext) -> BaseModel:
+            return ix.index_folder(app.encoder, app.store, app.policy, ireq, progress=progress)
+
+        def human(r: Any) -> str:
+            return (
+                f"{r.folder}: {r.scanned} images, {r.added} added, {r.updated} updated, {r.unchanged} unchanged, "
+                f"{r.removed} removed, {r.skipped_count} skipped in {r.seconds:.1f}s "
+                f"({r.images_per_second:.1f} img/s, {r.model} on {r.device})"
+                + "".join(f"\n  skipped {s.reason}: {s.path}" for s in r.skipped)
             )
-            progress = None if args.json else _progress_bar
-            r = ix.index_folder(app.encoder, app.store, app.policy, request, progress=progress)
-            _print(
-                r,
-                args.json,
-                lambda: print(
-                    f"{r.folder}: {r.scanned} images, {r.added} added, {r.updated} updated, {r.unchanged} unchanged, "
-                    f"{r.removed} removed, {r.skipped_count} skipped in {r.seconds:.1f}s "
-                    f"({r.images_per_second:.1f} img/s, {r.model} on {r.device})"
-                    + "".join(f"\n  skipped {s.reason}: {s.path}" for s in r.skipped)
-                ),
-            )
-        elif args.command == "search":
-            folder = str(Path(args.folder).absolute()) if args.folder else None
-            req = se.SearchImagesInput(
-                query=args.query, top_k=args.top_k, folder=folder, min_score=args.min_score, thumbnails=False
-            )
-            s = se.search_images(app.encoder, app.store, app.policy, req)
-            _print(
-                s,
-                args.json,
-                lambda: print(
-                    "\n".join(f"{h.rank:3d}  {h.score:+.4f}  {h.path}" for h in s.hits) or s.hint or "no hits"
-                ),
-            )
-        elif args.command == "classify":
-            images = [str(Path(p).absolute()) for p in args.images]
-            zreq = zs.ZeroShotInput(images=images, labels=args.labels, templates=args.templates)
-            z = zs.zero_shot_classify(app.encoder, app.policy, zreq)
-            _print(
-                z,
-                args.json,
-                lambda: print(
-                    "\n".join(f"{c.image}: {c.top_label} ({c.probabilities[c.top_label]:.3f})" for c in z.results)
-                ),
-            )
-        else:
-            images = [str(Path(p).absolute()) for p in args.images]
-            e = ex.explain_similarity_matrix(
-                app.encoder, app.policy, ex.ExplainInput(images=images, captions=args.captions)
-            )
+    elif args.command == "search":
+        sreq = se.SearchImagesInput(
+            query=args.query,
+            top_k=args.top_k,
+            folder=_absolute([args.folder])[0] if args.folder else None,
+            min_score=args.min_score,
+            thumbnails=False,
+        )
+
+        def run(app: AppContext) -> BaseModel:
+            return se.search_images(app.encoder, app.store, app.policy, sreq)
+
+        def human(r: Any) -> str:
+            return "\n".join(f"{h.rank:3d}  {h.score:+.4f}  {h.path}" for h in r.hits) or r.hint or "no hits"
+    elif args.command == "classify":
+        zreq = zs.ZeroShotInput(images=_absolute(args.images), labels=args.labels, templates=args.templates)
+
+        def run(app: AppContext) -> BaseModel:
+            return zs.zero_shot_classify(app.encoder, app.policy, zreq)
+
+        def human(r: Any) -> str:
+            return "\n".join(f"{c.image}: {c.top_label} ({c.probabilities[c.top_label]:.3f})" for c in r.results)
+    else:
+        ereq = ex.ExplainInput(images=_absolute(args.images), captions=args.captions)
+
+        def run(app: AppContext) -> BaseModel:
+            result = ex.explain_similarity_matrix(app.encoder, app.policy, ereq)
             if args.heatmap:
-                import numpy as np
-
                 from .render import heatmap_png
 
-                args.heatmap.write_bytes(heatmap_png(np.array(e.cosine)))
-            _print(e, args.json, lambda: print(format_matrix(e.cosine, e.loss, e.loss_kind, e.readings)))
+                args.heatmap.write_bytes(heatmap_png(np.array(result.cosine)))
+            return result
+
+        def human(r: Any) -> str:
+            return format_matrix(r.cosine, r.loss, r.loss_kind, r.readings)
+
+    with open_engine(_settings(args, default_allow=[Path(Path.cwd().anchor)])) as app:
+        result = run(app)
+    print(result.model_dump_json(indent=2) if args.json else human(result))
     return 0
 
 
@@ -190,11 +192,27 @@ def _serve(args: argparse.Namespace) -> int:
         log.warning("no folder is allowed yet: tools will refuse paths until you pass --allow DIR or set %s", ENV_ALLOW)
     server = build_server(settings)
     if not args.http:
-        server.run("stdio")
+        try:
+            server.run("stdio")
+        except BaseExceptionGroup as group:
+            # The SDK's task groups wrap a failed start (a bad --model, say) in exception groups:
+            # unwrap a lone error so that main() reports it like every other command does.
+            sole = _sole_error(group)
+            if sole is group:
+                raise
+            raise sole from None
         return 0
     from .http import serve_http
 
     return serve_http(server, host=args.host, port=args.port, token=args.token, extra_hosts=args.allowed_host)
+
+
+def _sole_error(group: BaseExceptionGroup) -> BaseException:
+    """The one exception inside nested exception groups, or the group itself when it holds several."""
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return group if isinstance(exc, BaseExceptionGroup) else exc
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -212,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_demo(args.out, model=args.model, device=args.device or "auto")
         return _run_tool(args)
-    except (ModelLoadError, StoreError, ValidationError, ValueError) as exc:
+    except (ModelLoadError, StoreError, ValidationError, ValueError, ImageRejected) as exc:
         print(f"cliplens: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

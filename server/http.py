@@ -59,7 +59,7 @@ class BearerTokenMiddleware:
 def security_settings(host: str, port: int, extra_hosts: list[str]) -> TransportSecuritySettings:
     names = ["127.0.0.1", "localhost", "[::1]"]
     if not is_loopback(host) and host not in ("0.0.0.0", "::"):
-        names.append(host)
+        names.append(f"[{host}]" if ":" in host else host)  # IPv6 literals are bracketed in Host/Origin
     hosts = [f"{n}:{port}" for n in names] + list(extra_hosts)
     origins = [f"http://{n}:{port}" for n in names] + [f"http://{h}" for h in extra_hosts]
     return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins)

@@ -16,6 +16,7 @@ import os
 import stat
 import struct
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,6 +164,17 @@ def load_image(path: Path) -> LoadedImage:
         mtime_ns=st.st_mtime_ns,
         content_hash=content_hash,
     )
+
+
+def load_pictures(paths: Sequence[Path]) -> list[Image.Image]:
+    """The RGB pictures of several files; a bad one raises ImageRejected naming its path."""
+    pictures = []
+    for path in paths:
+        try:
+            pictures.append(load_image(path).image)
+        except ImageRejected as exc:
+            raise ImageRejected(exc.reason, f"{path}: {exc.detail}") from None
+    return pictures
 
 
 def _composite_on_white(img: Image.Image) -> Image.Image:

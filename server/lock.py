@@ -30,8 +30,16 @@ class StoreLock:
 
     def acquire(self) -> bool:
         """Try to take the lock without waiting; True when this process now owns the folder."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            from .store import StoreError  # store imports this module
+
+            raise StoreError(
+                f"cannot open the store folder {self.path.parent}: {exc.strerror or exc}; "
+                "pass --db with a folder this user can write"
+            ) from exc
         if fcntl is None:  # pragma: no cover
             self._fd = fd
             return True

@@ -204,6 +204,7 @@ async def test_unreadable_image_in_classify_names_the_file(settings: Settings, p
         bad.write_bytes(b"")
         text = error_text(await client.call_tool("zero_shot_classify", {"images": [str(bad)], "labels": ["a", "b"]}))
         assert "truncated" in text or "corrupt" in text
+        assert str(bad) in text
 
 
 async def test_explain_returns_heatmap_and_readings(settings: Settings, photos: Path) -> None:

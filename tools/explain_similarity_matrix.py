@@ -17,7 +17,7 @@ from mcp_types import CallToolResult, ToolAnnotations
 from pydantic import BaseModel, Field, model_validator
 
 from ..server.encoder import ClipEncoder, ProbabilityKind
-from ..server.images import load_image
+from ..server.images import load_pictures
 from ..server.paths import PathPolicy
 from ..server.render import heatmap_png
 from ._mcp import engine, image_block, parse, run_core, tool_result
@@ -132,7 +132,7 @@ def _rounded(t: torch.Tensor) -> Matrix:
 
 def explain_similarity_matrix(encoder: ClipEncoder, policy: PathPolicy, request: ExplainInput) -> ExplainResult:
     paths = [policy.resolve(raw, want="file") for raw in request.images]
-    image_vecs = encoder.embed_images([load_image(p).image for p in paths])  # (N, D)
+    image_vecs = encoder.embed_images(load_pictures(paths))  # (N, D)
     text_vecs = encoder.embed_texts(request.captions)  # (N, D)
     lesson = similarity_lesson(image_vecs, text_vecs, encoder.logit_scale, encoder.logit_bias, encoder.probability)
     cosine = lesson["cosine"]

@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from ..prompts import default_templates
 from ..server.encoder import ClipEncoder, ProbabilityKind
-from ..server.images import load_image
+from ..server.images import load_pictures
 from ..server.paths import PathPolicy
 from ._mcp import engine, parse, run_core, tool_result
 
@@ -103,8 +103,7 @@ def probabilities(cosines: np.ndarray, scale: float, bias: float | None, kind: P
 def zero_shot_classify(encoder: ClipEncoder, policy: PathPolicy, request: ZeroShotInput) -> ZeroShotResult:
     templates = request.templates or default_templates()
     paths = [policy.resolve(raw, want="file") for raw in request.images]
-    pictures = [load_image(path).image for path in paths]
-    image_vecs = encoder.embed_images(pictures)  # (N, D)
+    image_vecs = encoder.embed_images(load_pictures(paths))  # (N, D)
     class_vecs = class_embeddings(encoder, request.labels, templates)  # (L, D)
     cosines = image_vecs.astype(np.float64) @ class_vecs.T.astype(np.float64)  # (N, L)
     probs = probabilities(cosines, encoder.logit_scale, encoder.logit_bias, encoder.probability)
