@@ -59,20 +59,24 @@ def open_engine(settings: Settings) -> Iterator[AppContext]:
             lock.release()
 
 
-def build_server(settings: Settings) -> MCPServer[AppContext]:
-    """A fresh server; the engine opens when a session starts and closes when it ends."""
+def build_server(settings: Settings, engine: AppContext | None = None) -> MCPServer[AppContext]:
+    """A fresh server. Without `engine`, the engine opens when the server starts and closes
+    when it stops; with one, the caller owns it (the CLI opens it first, to fail early)."""
     from ..prompts import register_prompts
     from ..tools import register_tools
 
     @asynccontextmanager
     async def lifespan(_: MCPServer[AppContext]) -> AsyncIterator[AppContext]:
-        engine = open_engine(settings)
+        if engine is not None:
+            yield engine
+            return
+        opened = open_engine(settings)
         # Model loading takes seconds: keep it off the event loop.
-        app = await anyio.to_thread.run_sync(engine.__enter__)
+        app = await anyio.to_thread.run_sync(opened.__enter__)
         try:
             yield app
         finally:
-            engine.__exit__(None, None, None)
+            opened.__exit__(None, None, None)
 
     server: MCPServer[AppContext] = MCPServer(
         "cliplens", instructions=INSTRUCTIONS, version=_version(), lifespan=lifespan

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -183,36 +184,29 @@ def format_matrix(cosine: list[list[float]], loss: float, loss_kind: str, readin
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .app import build_server
+    from .app import build_server, open_engine
 
     settings = _settings(args, default_allow=[])
     if args.no_thumbnails:
         settings.thumbnails = False
     if not settings.allow:
         log.warning("no folder is allowed yet: tools will refuse paths until you pass --allow DIR or set %s", ENV_ALLOW)
-    server = build_server(settings)
-    if not args.http:
-        try:
+    if args.http:
+        from .http import check_exposure, serve_http
+
+        check_exposure(args.host, args.token, args.allowed_host)
+    # The engine opens before any transport starts: a bad --model or --db is reported
+    # once, plainly, instead of from inside the transport's task groups.
+    with contextlib.ExitStack() as stack:
+        # Under stdio, stdout is the protocol channel: anything a library prints while the
+        # model loads goes to stderr instead.
+        with contextlib.redirect_stdout(sys.stderr):
+            engine = stack.enter_context(open_engine(settings))
+        server = build_server(settings, engine=engine)
+        if not args.http:
             server.run("stdio")
-        except BaseExceptionGroup as group:
-            # The SDK's task groups wrap a failed start (a bad --model, say) in exception groups:
-            # unwrap a lone error so that main() reports it like every other command does.
-            sole = _sole_error(group)
-            if sole is group:
-                raise
-            raise sole from None
-        return 0
-    from .http import serve_http
-
-    return serve_http(server, host=args.host, port=args.port, token=args.token, extra_hosts=args.allowed_host)
-
-
-def _sole_error(group: BaseExceptionGroup) -> BaseException:
-    """The one exception inside nested exception groups, or the group itself when it holds several."""
-    exc: BaseException = group
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return group if isinstance(exc, BaseExceptionGroup) else exc
+            return 0
+        return serve_http(server, host=args.host, port=args.port, token=args.token, extra_hosts=args.allowed_host)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -65,10 +65,9 @@ def security_settings(host: str, port: int, extra_hosts: list[str]) -> Transport
     return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins)
 
 
-def build_http_app(
-    server: MCPServer[Any], *, host: str, port: int, token: str | None, extra_hosts: list[str] | None = None
-) -> ASGIApp:
-    """The ASGI app, or HttpConfigError when the settings would expose the server."""
+def check_exposure(host: str, token: str | None, extra_hosts: list[str] | None = None) -> str | None:
+    """The bearer token to require (flag, else environment), or HttpConfigError when the
+    settings would expose the server. Called before the model loads, so it fails at once."""
     token = token or os.environ.get(ENV_TOKEN) or None
     if not is_loopback(host):
         if not token:
@@ -82,6 +81,14 @@ def build_http_app(
             )
     if token is not None and len(token) < MIN_TOKEN_CHARS:
         raise HttpConfigError(f"the bearer token is {len(token)} characters; use at least {MIN_TOKEN_CHARS}")
+    return token
+
+
+def build_http_app(
+    server: MCPServer[Any], *, host: str, port: int, token: str | None, extra_hosts: list[str] | None = None
+) -> ASGIApp:
+    """The ASGI app, or HttpConfigError when the settings would expose the server."""
+    token = check_exposure(host, token, extra_hosts)
     app: ASGIApp = server.streamable_http_app(
         transport_security=security_settings(host, port, list(extra_hosts or [])),
         max_request_body_size=MAX_BODY_BYTES,

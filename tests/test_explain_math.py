@@ -80,16 +80,16 @@ async def test_clip_matrix_equals_the_models_own_forward_and_functional(
     assert out["probability"] == "softmax" and out["logit_bias"] is None
 
 
-async def test_siglip_matrix_uses_the_sigmoid_loss_with_bias(tiny_siglip: Path, tmp_path: Path) -> None:
-    folder = tmp_path / "allowed"
-    paths = _images(folder)
-    settings = Settings(model=str(tiny_siglip), device="cpu", db_dir=tmp_path / "db", allow=[folder])
+async def _call_siglip(model: Path, tmp_path: Path, tool: str, args: dict) -> dict:
+    settings = Settings(model=str(model), device="cpu", db_dir=tmp_path / "db", allow=[tmp_path / "allowed"])
     async with connect(settings) as client:
-        out = structured(
-            await client.call_tool(
-                "explain_similarity_matrix", {"images": [str(p) for p in paths], "captions": CAPTIONS}
-            )
-        )
+        return structured(await client.call_tool(tool, args))
+
+
+async def test_siglip_matrix_uses_the_sigmoid_loss_with_bias(tiny_siglip: Path, tmp_path: Path) -> None:
+    paths = _images(tmp_path / "allowed")
+    args = {"images": [str(p) for p in paths], "captions": CAPTIONS}
+    out = await _call_siglip(tiny_siglip, tmp_path, "explain_similarity_matrix", args)
     ref = _reference(tiny_siglip, paths, CAPTIONS, sigmoid=True)
     assert out["probability"] == "sigmoid"
     assert out["logit_bias"] == pytest.approx(float(ref["bias"].reshape(-1)[0]), abs=1e-6)
@@ -104,16 +104,9 @@ async def test_siglip_matrix_uses_the_sigmoid_loss_with_bias(tiny_siglip: Path, 
 
 
 async def test_zero_shot_with_siglip_gives_independent_sigmoids(tiny_siglip: Path, tmp_path: Path) -> None:
-    folder = tmp_path / "allowed"
-    paths = _images(folder)
-    settings = Settings(model=str(tiny_siglip), device="cpu", db_dir=tmp_path / "db", allow=[folder])
-    async with connect(settings) as client:
-        out = structured(
-            await client.call_tool(
-                "zero_shot_classify",
-                {"images": [str(paths[0])], "labels": ["red", "green", "blue"], "templates": ["a {} square"]},
-            )
-        )
+    paths = _images(tmp_path / "allowed")
+    args = {"images": [str(paths[0])], "labels": ["red", "green", "blue"], "templates": ["a {} square"]}
+    out = await _call_siglip(tiny_siglip, tmp_path, "zero_shot_classify", args)
     res = out["results"][0]
     scale, bias = out["logit_scale"], out["logit_bias"]
     for label in ("red", "green", "blue"):
