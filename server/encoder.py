@@ -30,6 +30,9 @@ DEFAULT_MODEL = "openai/clip-vit-base-patch32"
 # Bumped whenever our own image path changes the pixels that reach the model, so that
 # vectors made by an older pipeline land in a different collection.
 PREPROCESSING_VERSION = 1
+# Largest batches sent through a tower at once: they bound memory, not what callers may pass.
+IMAGE_CHUNK = 64
+TEXT_CHUNK = 256
 
 ProbabilityKind = Literal["softmax", "sigmoid"]
 _OFFLINE_FLAGS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
@@ -164,11 +167,15 @@ class ClipEncoder:
         feats = feats / feats.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         return feats.cpu().numpy().astype(np.float32)
 
-    @torch.inference_mode()
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """(N, D) unit vectors for N RGB images, via the model's own image processor."""
         if not images:
             return np.zeros((0, self.info.dim), np.float32)
+        chunks = [images[i : i + IMAGE_CHUNK] for i in range(0, len(images), IMAGE_CHUNK)]
+        return np.concatenate([self._embed_image_chunk(chunk) for chunk in chunks])
+
+    @torch.inference_mode()
+    def _embed_image_chunk(self, images: Sequence[Image.Image]) -> np.ndarray:
         inputs = self.processor(images=list(images), return_tensors="pt")
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         if "pixel_values" in inputs:
@@ -186,9 +193,13 @@ class ClipEncoder:
             kwargs["max_length"] = 64
         return dict(self.processor(text=list(texts), **kwargs))
 
-    @torch.inference_mode()
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
-        """(N, D) unit vectors for N texts."""
+        """(N, D) unit vectors for N texts, in chunks so that memory stays bounded."""
+        chunks = [texts[i : i + TEXT_CHUNK] for i in range(0, len(texts), TEXT_CHUNK)]
+        return np.concatenate([self._embed_text_chunk(chunk) for chunk in chunks])
+
+    @torch.inference_mode()
+    def _embed_text_chunk(self, texts: Sequence[str]) -> np.ndarray:
         inputs = {k: v.to(self.device) for k, v in self.tokenize(texts).items()}
         with self._lock:
             out = self.model.get_text_features(**inputs)

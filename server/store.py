@@ -116,7 +116,7 @@ class ImageStore:
         if self.read_only:
             # A read-only process must not create anything in a store that another owns.
             existing = {c.name for c in client.list_collections()}
-            self._collection = client.get_collection(name) if name in existing else None
+            self._collection = client.get_collection(name, embedding_function=None) if name in existing else None
         else:
             self._collection = client.get_or_create_collection(
                 name, metadata=metadata, configuration={"hnsw": {"space": "cosine"}}, embedding_function=None

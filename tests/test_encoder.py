@@ -142,3 +142,14 @@ def test_two_models_with_one_size_get_different_fingerprints(tiny_clip: Path, tm
     other = build_tiny_model(tmp_path / "other", seed=1)
     a, b = load_encoder(str(tiny_clip), "cpu").info, load_encoder(str(other), "cpu").info
     assert a.dim == b.dim and a.fingerprint != b.fingerprint
+
+
+def test_large_inputs_are_embedded_in_chunks_with_the_same_result(tiny_clip: Path) -> None:
+    from cliplens.server.encoder import TEXT_CHUNK
+
+    encoder = load_encoder(str(tiny_clip), "cpu")
+    texts = [f"a photo of {i} red cars" for i in range(TEXT_CHUNK + 5)]
+    together = encoder.embed_texts(texts)
+    assert together.shape == (TEXT_CHUNK + 5, 16)
+    for i in (0, TEXT_CHUNK - 1, TEXT_CHUNK, TEXT_CHUNK + 4):
+        assert np.allclose(together[i], encoder.embed_texts([texts[i]])[0], atol=1e-5)

@@ -7,6 +7,7 @@ cross-entropy over each row and each column, SigLIP with an independent sigmoid 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated
 
 import numpy as np
@@ -79,13 +80,26 @@ class ExplainResult(BaseModel):
     model: str
 
 
+@dataclass(frozen=True)
+class Lesson:
+    cosine: torch.Tensor  # (N, N): rows images, columns captions
+    logits: torch.Tensor  # (N, N): logit_scale * cosine (+ bias for SigLIP)
+    image_to_text: torch.Tensor  # (N, N): softmax over each row
+    text_to_image: torch.Tensor  # (N, N): softmax over each column
+    diagonal_wins: list[bool]
+    loss_image_to_text: float
+    loss_text_to_image: float
+    loss: float
+    loss_kind: str
+
+
 def similarity_lesson(
     image_vecs: np.ndarray, text_vecs: np.ndarray, scale: float, bias: float | None, kind: ProbabilityKind
-) -> dict[str, object]:
-    """Every number of the lesson from (N, D) unit image and text vectors."""
+) -> Lesson:
+    """Every number of the lesson from (N, D) unit image and text vectors, in float64."""
     img = torch.from_numpy(image_vecs).double()
     txt = torch.from_numpy(text_vecs).double()
-    cosine = img @ txt.T  # (N, N): rows images, columns captions
+    cosine = img @ txt.T
     bias_term = (bias or 0.0) if kind == "sigmoid" else 0.0
     logits = cosine * scale + bias_term
     n = cosine.shape[0]
@@ -101,17 +115,17 @@ def similarity_lesson(
         loss_kind = "symmetric cross-entropy: mean of image→text and text→image"
     row_max = cosine.argmax(dim=1)
     col_max = cosine.argmax(dim=0)
-    return {
-        "cosine": cosine,
-        "logits": logits,
-        "image_to_text": logits.softmax(dim=1),
-        "text_to_image": logits.softmax(dim=0),
-        "diagonal_wins": [bool(row_max[i] == i and col_max[i] == i) for i in range(n)],
-        "loss_image_to_text": float(loss_i2t),
-        "loss_text_to_image": float(loss_t2i),
-        "loss": float(loss),
-        "loss_kind": loss_kind,
-    }
+    return Lesson(
+        cosine=cosine,
+        logits=logits,
+        image_to_text=logits.softmax(dim=1),
+        text_to_image=logits.softmax(dim=0),
+        diagonal_wins=[bool(row_max[i] == i and col_max[i] == i) for i in range(n)],
+        loss_image_to_text=float(loss_i2t),
+        loss_text_to_image=float(loss_t2i),
+        loss=float(loss),
+        loss_kind=loss_kind,
+    )
 
 
 def _reading(i: int, row: torch.Tensor) -> RowReading:
@@ -135,23 +149,24 @@ def explain_similarity_matrix(encoder: ClipEncoder, policy: PathPolicy, request:
     image_vecs = encoder.embed_images(load_pictures(paths))  # (N, D)
     text_vecs = encoder.embed_texts(request.captions)  # (N, D)
     lesson = similarity_lesson(image_vecs, text_vecs, encoder.logit_scale, encoder.logit_bias, encoder.probability)
-    cosine = lesson["cosine"]
-    assert isinstance(cosine, torch.Tensor)
-    matrices = {k: _rounded(v) for k, v in lesson.items() if isinstance(v, torch.Tensor)}
-    scalars = {k: v for k, v in lesson.items() if not isinstance(v, torch.Tensor)}
-    return ExplainResult.model_validate(
-        {
-            **matrices,
-            **scalars,
-            "n": len(paths),
-            "captions": request.captions,
-            "images": [str(p) for p in paths],
-            "logit_scale": encoder.logit_scale,
-            "logit_bias": encoder.logit_bias,
-            "probability": encoder.probability,
-            "readings": [_reading(i, cosine[i]) for i in range(len(paths))],
-            "model": encoder.info.model_id,
-        }
+    return ExplainResult(
+        n=len(paths),
+        captions=request.captions,
+        images=[str(p) for p in paths],
+        cosine=_rounded(lesson.cosine),
+        logit_scale=encoder.logit_scale,
+        logit_bias=encoder.logit_bias,
+        logits=_rounded(lesson.logits),
+        image_to_text=_rounded(lesson.image_to_text),
+        text_to_image=_rounded(lesson.text_to_image),
+        diagonal_wins=lesson.diagonal_wins,
+        loss_image_to_text=lesson.loss_image_to_text,
+        loss_text_to_image=lesson.loss_text_to_image,
+        loss=lesson.loss,
+        loss_kind=lesson.loss_kind,
+        probability=encoder.probability,
+        readings=[_reading(i, lesson.cosine[i]) for i in range(len(paths))],
+        model=encoder.info.model_id,
     )
 
 
@@ -165,7 +180,7 @@ async def handle(images: Images, captions: Captions, ctx: Context) -> Annotated[
     app = engine(ctx)
     request = parse(ExplainInput, images=images, captions=captions)
     result = await run_core(explain_similarity_matrix, app.encoder, app.policy, request)
-    png = heatmap_png(np.array(result.cosine))
+    png = await run_core(heatmap_png, np.array(result.cosine))
     return tool_result(result, [image_block(png, "image/png")])
 
 
