@@ -17,6 +17,7 @@ from .config import ENV_ALLOW, Settings
 from .encoder import DEVICES, ModelLoadError
 from .images import ImageRejected
 from .store import StoreError
+from .toycli import add_toy_commands, run_toy_command
 
 log = logging.getLogger("cliplens")
 
@@ -78,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the whole product offline: render, index, search, explain")
     demo.add_argument("out", type=Path, nargs="?", default=Path("cliplens-demo"))
-    demo.add_argument("--model", help="a real model to use instead of the small one built for the demo")
+    demo.add_argument("--model", default="toy", help="'toy' (the bundled model, default), a hub id or a folder")
     demo.add_argument("--device", choices=DEVICES)
+    add_toy_commands(sub)
     return parser
 
 
@@ -178,7 +180,9 @@ def format_matrix(cosine: list[list[float]], loss: float, loss_kind: str, readin
     for i, row in enumerate(cosine):
         cells = " ".join(f"{'[' if i == j else ' '}{v:+.3f}{']' if i == j else ' '}" for j, v in enumerate(row))
         lines.append(f"I{i + 1:<7} {cells}")
-    lines.append(f"loss = {loss:.4f}  ({loss_kind})")
+    # A well-trained model's loss on a clean batch can be tiny: keep its digits visible.
+    shown = f"{loss:.4f}" if loss >= 1e-3 else f"{loss:.2e}"
+    lines.append(f"loss = {shown}  ({loss_kind})")
     lines.extend(getattr(r, "text", str(r)) for r in readings)
     return "\n".join(lines)
 
@@ -223,6 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .demo import run_demo
 
             return run_demo(args.out, model=args.model, device=args.device or "auto")
+        if args.command in ("toyworld", "train-toy", "eval-toy"):
+            return run_toy_command(args)
         return _run_tool(args)
     except (ModelLoadError, StoreError, ValidationError, ValueError, ImageRejected) as exc:
         print(f"cliplens: error: {exc}", file=sys.stderr)

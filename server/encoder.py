@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"
+# The small CLIP trained on the toy world (`cliplens train-toy`), shipped in the package.
+TOY_MODEL_DIR = Path(__file__).parent / "toy_model"
+MODEL_ALIASES = {"toy": TOY_MODEL_DIR}
 # Bumped whenever our own image path changes the pixels that reach the model, so that
 # vectors made by an older pipeline land in a different collection.
 PREPROCESSING_VERSION = 1
@@ -232,7 +235,8 @@ def _not_image_text(model: str, class_name: str) -> ModelLoadError:
 def load_encoder(model: str = DEFAULT_MODEL, device: str = "auto") -> ClipEncoder:
     """Load any CLIP-family checkpoint by hub id or local folder, failing fast and helpfully."""
     dev = pick_device(device)
-    local = Path(model).expanduser()
+    alias = MODEL_ALIASES.get(model)
+    local = alias or Path(model).expanduser()
     is_dir = local.is_dir()
     source = str(local.resolve()) if is_dir else model
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
@@ -263,4 +267,4 @@ def load_encoder(model: str = DEFAULT_MODEL, device: str = "auto") -> ClipEncode
         )
     net.eval().to(dev)
     log.info("loaded %s (%s) on %s as %s", source, net.config.model_type, dev, dtype)
-    return ClipEncoder(net, processor, source, dev)
+    return ClipEncoder(net, processor, model if alias else source, dev)

@@ -236,4 +236,12 @@ def test_demo_runs_offline_end_to_end(tmp_path: Path) -> None:
         assert row.startswith(f"I{i + 1} ") and len(re.findall(r"[+-]\d\.\d{3}", row)) == 5, row
     assert lines[header + 6].startswith("loss = ")
     assert "search 'a photo of a red bicycle'" in done.stdout
-    assert len(list((out_dir / "images").glob("*.png"))) == 25
+    assert "indexed with model 'toy'" in done.stdout
+    assert len(list((out_dir / "images").rglob("*.png"))) == 311
+    # The bundled model finds the red bicycles it never saw in training.
+    labels = {}
+    for record in (out_dir / "images" / "labels.jsonl").read_text().splitlines():
+        entry = json.loads(record)
+        labels[entry["file"]] = {(o["color"], o["kind"]) for o in entry["objects"]}
+    first_hit = next(line for line in lines if re.match(r"\s+1\. [+-]\d", line)).split()[-1]
+    assert first_hit.startswith("red_bicycle_") or ("red", "bicycle") in labels.get(first_hit, set()), first_hit
