@@ -201,6 +201,13 @@ class ClipEncoder:
         chunks = [texts[i : i + TEXT_CHUNK] for i in range(0, len(texts), TEXT_CHUNK)]
         return np.concatenate([self._embed_text_chunk(chunk) for chunk in chunks])
 
+    def embed_ensembles(self, groups: Sequence[Sequence[str]]) -> np.ndarray:
+        """(G, D): each group's text vectors averaged, then re-normalised (a prompt ensemble)."""
+        vecs = self.embed_texts([text for group in groups for text in group])
+        ends = np.cumsum([len(group) for group in groups])
+        means = np.stack([part.mean(axis=0) for part in np.split(vecs, ends[:-1])])
+        return (means / np.linalg.norm(means, axis=1, keepdims=True)).astype(np.float32)
+
     @torch.inference_mode()
     def _embed_text_chunk(self, texts: Sequence[str]) -> np.ndarray:
         inputs = {k: v.to(self.device) for k, v in self.tokenize(texts).items()}

@@ -41,18 +41,6 @@ def _embed_scenes(encoder: ClipEncoder, scenes: list[Scene]) -> np.ndarray:
     return encoder.embed_images([render(s) for s in scenes])
 
 
-def _class_vectors(encoder: ClipEncoder, groups: list[list[str]]) -> np.ndarray:
-    """(G, D): the mean of each group's text vectors, re-normalised (a prompt ensemble)."""
-    flat = [t for g in groups for t in g]
-    vecs = encoder.embed_texts(flat)
-    out, start = [], 0
-    for g in groups:
-        mean = vecs[start : start + len(g)].mean(axis=0)
-        out.append(mean / np.linalg.norm(mean))
-        start += len(g)
-    return np.stack(out)
-
-
 def evaluate(
     encoder: ClipEncoder, seed: int, *, singles: int = 600, gallery: int = 1000, per_pair: int = 12
 ) -> ToyReport:
@@ -60,8 +48,8 @@ def evaluate(
     colours = list(COLOURS)
     # Zero-shot: each class is an ensemble over the other attribute, e.g. "red" averages
     # "a photo of a red car.", "a photo of a red boat.", ... (the text side only).
-    kind_vecs = _class_vectors(encoder, [[KIND_TEMPLATE.format(c=c, k=k) for c in colours] for k in KINDS])
-    colour_vecs = _class_vectors(encoder, [[KIND_TEMPLATE.format(c=c, k=k) for k in KINDS] for c in colours])
+    kind_vecs = encoder.embed_ensembles([[KIND_TEMPLATE.format(c=c, k=k) for c in colours] for k in KINDS])
+    colour_vecs = encoder.embed_ensembles([[KIND_TEMPLATE.format(c=c, k=k) for k in KINDS] for c in colours])
     test = [single_scene(rng, rng.choice(colours), rng.choice(KINDS)) for _ in range(singles)]
     img = _embed_scenes(encoder, test)
     kind_pred = (img @ kind_vecs.T).argmax(axis=1)

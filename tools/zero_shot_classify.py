@@ -87,10 +87,7 @@ class ZeroShotResult(BaseModel):
 
 def class_embeddings(encoder: ClipEncoder, labels: list[str], templates: list[str]) -> np.ndarray:
     """(L, D): each label's template embeddings averaged, then re-normalised."""
-    texts = [t.format(label) for label in labels for t in templates]
-    per_text = encoder.embed_texts(texts).reshape(len(labels), len(templates), -1)
-    mean = per_text.mean(axis=1)
-    return mean / np.linalg.norm(mean, axis=1, keepdims=True)
+    return encoder.embed_ensembles([[t.format(label) for t in templates] for label in labels])
 
 
 def probabilities(cosines: np.ndarray, scale: float, bias: float | None, kind: ProbabilityKind) -> np.ndarray:
