@@ -87,11 +87,10 @@ def evaluate(
 
 def _pick_best(encoder: ClipEncoder, scenes: list[Scene], options: list[list[str]], truth: list[int]) -> float:
     """Share of scenes whose highest-scoring caption among their options is the true one."""
-    img = _embed_scenes(encoder, scenes)
-    right = 0
-    for vec, opts, t in zip(img, options, truth, strict=True):
-        right += int(np.argmax(encoder.embed_texts(opts) @ vec) == t)
-    return right / len(scenes)
+    img = _embed_scenes(encoder, scenes)  # (S, D)
+    texts = encoder.embed_texts([o for opts in options for o in opts]).reshape(len(scenes), len(options[0]), -1)
+    picked = np.einsum("sod,sd->so", texts, img).argmax(axis=1)  # (S,)
+    return float(np.mean(picked == np.array(truth)))
 
 
 def _probes(encoder: ClipEncoder, rng: random.Random, report: ToyReport, n: int = 60) -> None:
