@@ -9,9 +9,11 @@ from dataclasses import dataclass
 
 import anyio.to_thread
 from mcp.server.mcpserver import MCPServer
+from pydantic import BaseModel
 
 from .config import Settings
 from .encoder import ClipEncoder, load_encoder
+from .jobs import Cancelled, JobManager, JobRequest, Progress, journal_dir
 from .lock import StoreLock
 from .paths import PathPolicy
 from .store import ImageStore, open_client
@@ -34,13 +36,16 @@ class AppContext:
     encoder: ClipEncoder
     store: ImageStore
     policy: PathPolicy
+    jobs: JobManager
 
 
 @contextmanager
-def open_engine(settings: Settings) -> Iterator[AppContext]:
-    """Load the model, open the store (taking the lock when embedded) and the path policy."""
+def open_engine(settings: Settings, *, resume_jobs: bool = True) -> Iterator[AppContext]:
+    """Load the model, open the store (taking the lock when embedded), the path policy and
+    the background jobs, resuming those a crash or restart interrupted unless `resume_jobs`
+    is false (a one-shot command that would stop them again at once)."""
     policy = PathPolicy(settings.allow)
-    encoder = load_encoder(settings.model, settings.device)
+    encoder = load_encoder(settings.model, settings.device, settings.precision)
     lock: StoreLock | None = None
     if settings.chroma_url:
         location = settings.chroma_url
@@ -53,7 +58,24 @@ def open_engine(settings: Settings) -> Iterator[AppContext]:
     try:
         client = open_client(None if settings.chroma_url else settings.store_dir(), settings.chroma_url)
         store = ImageStore(client, encoder.info, location=location, lock=lock)
-        yield AppContext(settings=settings, encoder=encoder, store=store, policy=policy)
+
+        def run_index(request: JobRequest, progress: Progress, cancelled: Cancelled) -> BaseModel:
+            from ..tools.index_folder import IndexFolderInput, index_folder  # tools/ imports this module
+
+            job = IndexFolderInput(path=request.path, recursive=request.recursive, prune=request.prune)
+            return index_folder(encoder, store, policy, job, progress=progress, cancelled=cancelled)
+
+        jobs = JobManager(
+            journal_dir(settings.store_dir(), settings.chroma_url),
+            run_index,
+            model=encoder.info.model_id,
+            require_writable=store.require_writable,
+            resume=resume_jobs,
+        )
+        try:
+            yield AppContext(settings=settings, encoder=encoder, store=store, policy=policy, jobs=jobs)
+        finally:
+            jobs.close()
     finally:
         if lock is not None:
             lock.release()

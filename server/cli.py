@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ValidationError
 
+from .bench import add_bench_command, run_bench_command
 from .config import ENV_ALLOW, Settings
-from .encoder import DEVICES, ModelLoadError
+from .encoder import DEVICES, PRECISIONS, ModelLoadError
 from .images import ImageRejected
 from .store import StoreError
 from .toycli import add_toy_commands, run_toy_command
@@ -35,6 +36,11 @@ def _common(parser: argparse.ArgumentParser) -> None:
         help=f"a folder the server may read; repeatable (env {ENV_ALLOW}, separated by ':')",
     )
     parser.add_argument("--device", choices=DEVICES, help="where the model runs (default: auto)")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="inference path (env CLIPLENS_PRECISION; default auto: fp16 on CUDA, bf16 on CPUs with native bf16)",
+    )
     parser.add_argument("--json", action="store_true", help="print the tool's structured output as JSON")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more to stderr")
 
@@ -82,12 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default="toy", help="'toy' (the bundled model, default), a hub id or a folder")
     demo.add_argument("--device", choices=DEVICES)
     add_toy_commands(sub)
+    add_bench_command(sub)
     return parser
 
 
 def _settings(args: argparse.Namespace, *, default_allow: Sequence[Path]) -> Settings:
     settings = Settings.from_env(
-        model=args.model, device=args.device, db_dir=args.db, chroma_url=args.chroma_url, allow=args.allow
+        model=args.model,
+        device=args.device,
+        precision=args.precision,
+        db_dir=args.db,
+        chroma_url=args.chroma_url,
+        allow=args.allow,
     )
     if not settings.allow:
         # The shell user already has their own rights; only the server needs --allow.
@@ -168,7 +180,7 @@ def _run_tool(args: argparse.Namespace) -> int:
         def human(r: Any) -> str:
             return format_matrix(r.cosine, r.loss, r.loss_kind, r.readings)
 
-    with open_engine(_settings(args, default_allow=[Path(Path.cwd().anchor)])) as app:
+    with open_engine(_settings(args, default_allow=[Path(Path.cwd().anchor)]), resume_jobs=False) as app:
         result = run(app)
     print(result.model_dump_json(indent=2) if args.json else human(result))
     return 0
@@ -229,6 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_demo(args.out, model=args.model, device=args.device or "auto")
         if args.command in ("toyworld", "train-toy", "eval-toy"):
             return run_toy_command(args)
+        if args.command == "bench":
+            return run_bench_command(args)
         return _run_tool(args)
     except (ModelLoadError, StoreError, ValidationError, ValueError, ImageRejected) as exc:
         print(f"cliplens: error: {exc}", file=sys.stderr)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from .encoder import DEFAULT_MODEL, DEVICES
+from .encoder import DEFAULT_MODEL, DEVICES, PRECISIONS
 from .paths import ALLOW_ENV as ENV_ALLOW
 
 
@@ -20,6 +20,10 @@ def default_db_dir() -> Path:
 class Settings(BaseModel):
     model: str = Field(default=DEFAULT_MODEL, description="Hub id or local folder of a CLIP-family checkpoint")
     device: str = Field(default="auto", description=f"One of {', '.join(DEVICES)}")
+    precision: str = Field(
+        default="auto",
+        description=f"One of {', '.join(PRECISIONS)}: auto is fp16 on CUDA, bf16 on CPUs with native bf16, else fp32",
+    )
     db_dir: Path | None = Field(default=None, description="Embedded Chroma folder; None means the user data folder")
     chroma_url: str | None = Field(default=None, description="A Chroma server URL instead of the embedded store")
     allow: list[Path] = Field(default_factory=list, description="Folders the server may read")
@@ -33,6 +37,8 @@ class Settings(BaseModel):
             env["model"] = model
         if device := os.environ.get("CLIPLENS_DEVICE"):
             env["device"] = device
+        if precision := os.environ.get("CLIPLENS_PRECISION"):
+            env["precision"] = precision
         if db := os.environ.get("CLIPLENS_DB"):
             env["db_dir"] = Path(db)
         if url := os.environ.get("CLIPLENS_CHROMA_URL"):

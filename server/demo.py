@@ -51,7 +51,7 @@ def run_demo(out: Path, *, model: str = "toy", device: str = "auto") -> int:
     pairs = render_demo_folder(images)
     print(f"1. rendered {FOLDER_SCENES + EXTRA_RED_BICYCLES + len(pairs)} toy-world scenes into {images}")
     settings = Settings(model=model, device=device, db_dir=out / "store", allow=[out])
-    with open_engine(settings) as app:
+    with open_engine(settings, resume_jobs=False) as app:
         r = ix.index_folder(app.encoder, app.store, app.policy, ix.IndexFolderInput(path=str(images)))
         print(
             f"2. indexed with model {r.model!r}: {r.added} added, {r.updated} updated, {r.unchanged} unchanged, "

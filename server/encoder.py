@@ -13,6 +13,8 @@ import logging
 import os
 import socket
 import threading
+import warnings
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,19 +25,23 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .preprocess import FastPreprocessor
+
 log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"
 # The small CLIP trained on the toy world (`cliplens train-toy`), shipped in the package.
 TOY_MODEL_DIR = Path(__file__).parent / "toy_model"
 MODEL_ALIASES = {"toy": TOY_MODEL_DIR}
 # Bumped whenever our own image path changes the pixels that reach the model, so that
 # vectors made by an older pipeline land in a different collection.
-PREPROCESSING_VERSION = 1
+PREPROCESSING_VERSION = 2  # 2: our own resize/crop/normalise, and JPEG draft decoding
 # Largest batches sent through a tower at once: they bound memory, not what callers may pass.
 IMAGE_CHUNK = 64
 TEXT_CHUNK = 256
+TEXT_CACHE_SIZE = 4096  # query vectors kept, so a repeated query skips the text tower
 
 ProbabilityKind = Literal["softmax", "sigmoid"]
 _OFFLINE_FLAGS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
@@ -69,6 +75,39 @@ def pick_device(requested: str = "auto") -> torch.device:
     if requested == "mps" and not torch.backends.mps.is_available():
         raise ValueError("device 'mps' was asked for, but this torch has no Apple MPS; use --device auto/cpu")
     return torch.device(requested)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX on x86, BF16 on Arm).
+
+    Without it, torch emulates bf16 on the CPU and is slower than fp32.
+    """
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[-1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def pick_precision(requested: str, device: torch.device) -> str:
+    """fp16 on CUDA, bf16 on CPUs that compute it natively, fp32 otherwise, unless one is named."""
+    if requested not in PRECISIONS:
+        raise ValueError(f"precision {requested!r} is not one of {', '.join(PRECISIONS)}")
+    if requested == "auto":
+        if device.type == "cuda":
+            return "fp16"
+        if device.type == "cpu" and cpu_has_native_bf16():
+            return "bf16"
+        return "fp32"
+    if requested == "fp16" and device.type == "cpu":
+        raise ValueError("precision 'fp16' needs a GPU (cuda or mps); on the CPU use bf16, fp32 or int8")
+    if requested == "int8" and device.type != "cpu":
+        raise ValueError(f"precision 'int8' (dynamic quantisation) runs on the CPU only, not on {device.type}")
+    return requested
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -133,26 +172,42 @@ def _fingerprint(model: Any, source: str, image_processor: Any) -> str:
 
 
 class ClipEncoder:
-    """Holds one image-text model and its processor; every output is L2-normalised float32."""
+    """Holds one image-text model and its processor; every output is L2-normalised float32.
 
-    def __init__(self, model: Any, processor: Any, model_id: str, device: torch.device) -> None:
-        self.model = model
+    `precision` is applied after the fingerprint is taken, so a model run in bf16 on one
+    machine and fp32 or fp16 on another writes into the same collection.
+    """
+
+    def __init__(
+        self, model: Any, processor: Any, model_id: str, device: torch.device, precision: str = "fp32"
+    ) -> None:
         self.processor = processor
         self.device = device
         config = model.config
         self.model_type: str = config.model_type
         self.probability: ProbabilityKind = "sigmoid" if self.model_type.startswith("siglip") else "softmax"
-        # The model runs one batch at a time; tool calls may arrive concurrently.
+        fingerprint = _fingerprint(model, model_id, processor.image_processor)
+        self.precision = pick_precision(precision, device)
+        self.model = _apply_precision(model, self.precision)
+        # The model runs one batch at a time; tool calls and indexing jobs may arrive concurrently.
         self._lock = threading.Lock()
-        self.dtype = next(model.parameters()).dtype
+        self.dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
+        # None for processors with no fixed-size pixel tensor (SigLIP2): they go through the processor.
+        self.fast = FastPreprocessor.for_processor(processor.image_processor)
+        self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cache_lock = threading.Lock()
         probe = self.embed_texts(["a photo"])
         self.info = ModelInfo(
             model_id=model_id,
             model_type=self.model_type,
             dim=int(probe.shape[1]),
-            fingerprint=_fingerprint(model, model_id, processor.image_processor),
+            fingerprint=fingerprint,
             probability=self.probability,
         )
+        if self.fast is not None:
+            # Warm the image tower too, so the first indexed batch is not the slow one.
+            width, height = self.fast.output_size
+            self.embed_pixels(np.zeros((1, 3, height, width), np.float32))
 
     @property
     def logit_scale(self) -> float:
@@ -164,21 +219,57 @@ class ClipEncoder:
         bias = getattr(self.model, "logit_bias", None)
         return None if bias is None else float(bias.detach().float().reshape(-1)[0].item())
 
+    @property
+    def batch_size(self) -> int:
+        """Images per forward pass when indexing: large on a GPU, moderate on a CPU."""
+        return 256 if self.device.type == "cuda" else 32
+
+    @property
+    def draft_size(self) -> tuple[int, int] | None:
+        """How small a JPEG may be drafted for this model (see FastPreprocessor.draft_size)."""
+        return None if self.fast is None else self.fast.draft_size
+
     def _unit(self, out: Any) -> np.ndarray:
         feats = out.pooler_output if hasattr(out, "pooler_output") else out
         feats = feats.float()
         feats = feats / feats.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         return feats.cpu().numpy().astype(np.float32)
 
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        """(3, H, W) float32 model input for one RGB image; thread-safe, takes no lock."""
+        if self.fast is not None:
+            return self.fast(image)
+        return np.asarray(self.processor.image_processor(images=[image], return_tensors="np")["pixel_values"][0])
+
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """(N, D) unit vectors for N RGB images, via the model's own image processor."""
+        """(N, D) unit vectors for N RGB images."""
         if not images:
             return np.zeros((0, self.info.dim), np.float32)
+        if self.fast is not None:
+            return self.embed_pixels(np.stack([self.fast(img) for img in images]))
         chunks = [images[i : i + IMAGE_CHUNK] for i in range(0, len(images), IMAGE_CHUNK)]
-        return np.concatenate([self._embed_image_chunk(chunk) for chunk in chunks])
+        return np.concatenate([self._embed_with_processor(chunk) for chunk in chunks])
+
+    def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """(N, D) unit vectors for (N, 3, H, W) pixels made by `preprocess`."""
+        if len(pixels) == 0:
+            return np.zeros((0, self.info.dim), np.float32)
+        chunks = [pixels[i : i + IMAGE_CHUNK] for i in range(0, len(pixels), IMAGE_CHUNK)]
+        return np.concatenate([self._embed_pixel_chunk(chunk) for chunk in chunks])
 
     @torch.inference_mode()
-    def _embed_image_chunk(self, images: Sequence[Image.Image]) -> np.ndarray:
+    def _embed_pixel_chunk(self, pixels: np.ndarray) -> np.ndarray:
+        batch = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
+        if self.device.type == "cuda":
+            # Pinned host memory lets the copy to the GPU run without an extra staging copy.
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        batch = batch.to(self.device, self.dtype)
+        with self._lock:
+            out = self.model.get_image_features(pixel_values=batch)
+        return self._unit(out)
+
+    @torch.inference_mode()
+    def _embed_with_processor(self, images: Sequence[Image.Image]) -> np.ndarray:
         inputs = self.processor(images=list(images), return_tensors="pt")
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         if "pixel_values" in inputs:
@@ -189,7 +280,7 @@ class ClipEncoder:
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         # SigLIP was trained on max-length padding; CLIP pools at the end-of-text token and
-        # needs no padding beyond the batch.
+        # needs no padding beyond the batch (a single query is never padded to 77 tokens).
         padding = "max_length" if self.probability == "sigmoid" else True
         kwargs: dict[str, Any] = {"padding": padding, "truncation": True, "return_tensors": "pt"}
         if self.probability == "sigmoid":
@@ -197,9 +288,27 @@ class ClipEncoder:
         return dict(self.processor(text=list(texts), **kwargs))
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
-        """(N, D) unit vectors for N texts, in chunks so that memory stays bounded."""
-        chunks = [texts[i : i + TEXT_CHUNK] for i in range(0, len(texts), TEXT_CHUNK)]
-        return np.concatenate([self._embed_text_chunk(chunk) for chunk in chunks])
+        """(N, D) unit vectors for N texts; repeated texts come from an LRU cache."""
+        with self._cache_lock:
+            cached = {t: self._text_cache[t] for t in texts if t in self._text_cache}
+            for text in cached:
+                self._text_cache.move_to_end(text)
+        missing = list(dict.fromkeys(t for t in texts if t not in cached))
+        if missing:
+            chunks = [missing[i : i + TEXT_CHUNK] for i in range(0, len(missing), TEXT_CHUNK)]
+            fresh = np.concatenate([self._embed_text_chunk(chunk) for chunk in chunks])
+            with self._cache_lock:
+                for text, vec in zip(missing, fresh, strict=True):
+                    vec.flags.writeable = False  # shared by every later caller
+                    cached[text] = vec
+                    self._text_cache[text] = vec
+                while len(self._text_cache) > TEXT_CACHE_SIZE:
+                    self._text_cache.popitem(last=False)
+        return np.stack([cached[t] for t in texts])
+
+    def clear_text_cache(self) -> None:
+        with self._cache_lock:
+            self._text_cache.clear()
 
     def embed_ensembles(self, groups: Sequence[Sequence[str]]) -> np.ndarray:
         """(G, D): each group's text vectors averaged, then re-normalised (a prompt ensemble)."""
@@ -214,6 +323,24 @@ class ClipEncoder:
         with self._lock:
             out = self.model.get_text_features(**inputs)
         return self._unit(out)
+
+
+def _apply_precision(model: Any, precision: str) -> Any:
+    if precision == "bf16":
+        return model.to(torch.bfloat16)
+    if precision == "fp16":
+        return model.half()
+    if precision == "int8":
+        # Dynamic int8 on the Linear layers (the bulk of a ViT's compute); opt-in only,
+        # because it costs retrieval accuracy (see `cliplens bench --parity`).
+        with warnings.catch_warnings():
+            # torch marks its eager quantisation as deprecated; it still ships and works in 2.13.
+            warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from torch.ao.quantization import quantize_dynamic
+
+            return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    return model
 
 
 class _NotImageText(Exception):
@@ -239,14 +366,16 @@ def _not_image_text(model: str, class_name: str) -> ModelLoadError:
     )
 
 
-def load_encoder(model: str = DEFAULT_MODEL, device: str = "auto") -> ClipEncoder:
+def load_encoder(model: str = DEFAULT_MODEL, device: str = "auto", precision: str = "auto") -> ClipEncoder:
     """Load any CLIP-family checkpoint by hub id or local folder, failing fast and helpfully."""
     dev = pick_device(device)
+    pick_precision(precision, dev)  # a bad value fails before seconds of loading
     alias = MODEL_ALIASES.get(model)
     local = alias or Path(model).expanduser()
     is_dir = local.is_dir()
     source = str(local.resolve()) if is_dir else model
-    dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    # Always fp32 here: the fingerprint samples the weights, and the precision is applied after.
+    dtype = torch.float32
     if not is_dir and _looks_like_path(model):
         raise _load_failure(model, None)
     try:
@@ -273,5 +402,6 @@ def load_encoder(model: str = DEFAULT_MODEL, device: str = "auto") -> ClipEncode
             "its folder needs processor_config.json (or preprocessor_config.json) and a tokenizer."
         )
     net.eval().to(dev)
-    log.info("loaded %s (%s) on %s as %s", source, net.config.model_type, dev, dtype)
-    return ClipEncoder(net, processor, model if alias else source, dev)
+    encoder = ClipEncoder(net, processor, model if alias else source, dev, precision)
+    log.info("loaded %s (%s) on %s in %s", source, net.config.model_type, dev, encoder.precision)
+    return encoder

@@ -114,7 +114,20 @@ def _read_file(path: Path) -> tuple[bytes, os.stat_result]:
     return data, st
 
 
-def load_image(path: Path) -> LoadedImage:
+@dataclass
+class RawImageFile:
+    """The bytes of an image file, read once, with what fstat said and their hash."""
+
+    path: Path
+    data: bytes
+    formats: tuple[str, ...]  # the decoders its extension allows
+    size_bytes: int
+    mtime_ns: int
+    content_hash: str  # hex blake2b(digest_size=16) of the bytes
+
+
+def read_image_file(path: Path) -> RawImageFile:
+    """Read (without following a swapped-in symlink) and hash a file whose extension is an image's."""
     path = Path(path)
     formats = IMAGE_FORMATS_BY_EXTENSION.get(path.suffix.lower())
     if formats is None:
@@ -122,8 +135,26 @@ def load_image(path: Path) -> LoadedImage:
     data, st = _read_file(path)
     if not data:
         raise ImageRejected("truncated", "file is empty")
-    content_hash = hashlib.blake2b(data, digest_size=16).hexdigest()
+    return RawImageFile(
+        path=path,
+        data=data,
+        formats=formats,
+        size_bytes=len(data),
+        mtime_ns=st.st_mtime_ns,
+        content_hash=hashlib.blake2b(data, digest_size=16).hexdigest(),
+    )
 
+
+def load_image(path: Path, *, draft: tuple[int, int] | None = None) -> LoadedImage:
+    """Read and decode one image file; see decode_image for `draft`."""
+    return decode_image(read_image_file(path), draft=draft)
+
+
+def decode_image(raw: RawImageFile, *, draft: tuple[int, int] | None = None) -> LoadedImage:
+    """Decode to 8-bit RGB. With `draft` (width, height), a JPEG may be decoded at 1/2, 1/4 or
+    1/8 scale as long as both sides stay at least that big: far cheaper for large photos, whose
+    pixels are about to be shrunk to the model's input anyway. width/height stay the file's own."""
+    formats = raw.formats
     # ImageFile.LOAD_TRUNCATED_IMAGES is deliberately left False (Pillow's default): with it
     # True, a truncated file would decode "successfully" with grey filler and be indexed.
     try:
@@ -133,9 +164,13 @@ def load_image(path: Path) -> LoadedImage:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             # formats= pins the decoder to the extension: a TIFF named .png, or an EPS named
             # .jpg, is refused instead of being sniffed and decoded as what it really is.
-            with Image.open(io.BytesIO(data), formats=formats) as opened:
+            with Image.open(io.BytesIO(raw.data), formats=formats) as opened:
                 fmt = opened.format or formats[0]
+                full_size = opened.size
                 opened.seek(0)  # first frame of animations
+                if draft is not None and fmt == "JPEG":
+                    opened.draft(None, draft)
+                decoded_size = opened.size
                 opened.load()  # open() is lazy; decode now, inside the try
                 rotated = ImageOps.exif_transpose(opened)
                 rgb = to_rgb(rotated)
@@ -155,14 +190,17 @@ def load_image(path: Path) -> LoadedImage:
     except Exception as exc:  # last resort: a decoder bug must not take down an indexing run
         raise ImageRejected("corrupt", f"{type(exc).__name__}: {str(exc)[:200]}") from None
 
+    width, height = full_size
+    if (rgb.width, rgb.height) != decoded_size:  # EXIF rotated by 90 or 270 degrees
+        width, height = height, width
     return LoadedImage(
         image=rgb,
-        width=rgb.width,
-        height=rgb.height,
+        width=width,
+        height=height,
         format=fmt,
-        size_bytes=len(data),
-        mtime_ns=st.st_mtime_ns,
-        content_hash=content_hash,
+        size_bytes=raw.size_bytes,
+        mtime_ns=raw.mtime_ns,
+        content_hash=raw.content_hash,
     )
 
 

@@ -37,6 +37,8 @@ class WalkItem:
     path: Path
     skip_reason: str | None = None
     detail: str = ""
+    # The walk's own stat of an image file, so that an unchanged file costs one stat in all.
+    stat: os.stat_result | None = None
 
 
 class PathPolicy:
@@ -188,7 +190,7 @@ class PathPolicy:
                     return
                 seen_files.add(key)
                 count += 1
-                yield WalkItem(path)
+                yield WalkItem(path, stat=st)
             # sockets, FIFOs, devices: ignored silently (never opened)
 
     def _follow_link(self, link: Path, exts: frozenset[str]) -> Path | WalkItem | None:

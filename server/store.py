@@ -24,6 +24,15 @@ from .lock import StoreLock
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+# HNSW settings. Chroma's defaults (ef_search 100, 16 neighbours) gave recall@10 of 0.85
+# against exact search at 1M vectors; a wider search beam costs a few milliseconds per query
+# and can be raised on an existing collection, unlike the graph's degree.
+HNSW_EF_SEARCH = 256
+HNSW_EF_CONSTRUCTION = 200
+HNSW_MAX_NEIGHBORS = 24
+# An unfiltered query for this many times top_k, filtered by folder here, is far cheaper
+# than Chroma's regex pre-filter over every path; the filtered query is the fallback.
+OVERFETCH = 4
 # Rust's regex crate (Chroma's $regex) treats these as meta characters.
 _REGEX_META = set("\\.+*?()|[]{}^$#&-~")
 
@@ -118,9 +127,16 @@ class ImageStore:
             existing = {c.name for c in client.list_collections()}
             self._collection = client.get_collection(name, embedding_function=None) if name in existing else None
         else:
+            hnsw = {
+                "space": "cosine",
+                "ef_search": HNSW_EF_SEARCH,
+                "ef_construction": HNSW_EF_CONSTRUCTION,
+                "max_neighbors": HNSW_MAX_NEIGHBORS,
+            }
             self._collection = client.get_or_create_collection(
-                name, metadata=metadata, configuration={"hnsw": {"space": "cosine"}}, embedding_function=None
+                name, metadata=metadata, configuration={"hnsw": hnsw}, embedding_function=None
             )
+            self._widen_search(HNSW_EF_SEARCH)
         if self._collection is not None:
             stored = self._collection.metadata or {}
             if stored.get("dim") != info.dim or stored.get("fingerprint") != info.fingerprint:
@@ -128,6 +144,13 @@ class ImageStore:
                     f"collection {name} in {location} was made by another model "
                     f"({stored.get('model')!r}, dim {stored.get('dim')}); reindex required"
                 )
+
+    def _widen_search(self, ef_search: int) -> None:
+        # Collections made before this setting existed keep their own ef_search: raise it.
+        assert self._collection is not None
+        current = (self._collection.configuration or {}).get("hnsw") or {}
+        if int(current.get("ef_search") or 0) < ef_search:
+            self._collection.modify(configuration={"hnsw": {"ef_search": ef_search}})
 
     def require_writable(self) -> Any:
         if self.read_only:
@@ -174,6 +197,38 @@ class ImageStore:
                 found[doc] = _to_stored(doc, dict(meta))
         return found
 
+    def embeddings_by_hash(self, hashes: Sequence[str]) -> dict[str, tuple[StoredImage, np.ndarray]]:
+        """A stored image and its embedding for each content hash already in the store.
+
+        Reuse is an optimisation: when the vectors cannot be read back (a Chroma server whose
+        index another writer has not flushed yet answers "Nothing found on disk"), the files
+        are simply embedded again.
+        """
+        unique = list(dict.fromkeys(hashes))
+        if self._collection is None or not unique:
+            return {}
+        # Metadata first (SQLite only, cheap when nothing matches, the common case).
+        matches: dict[str, StoredImage] = {}
+        for batch in self._batches(unique):
+            got = self._collection.get(where={"content_hash": {"$in": list(batch)}}, include=["documents", "metadatas"])
+            for doc, meta in zip(got["documents"] or [], got["metadatas"] or [], strict=True):
+                stored = _to_stored(doc, dict(meta))
+                matches.setdefault(stored.content_hash, stored)
+        if not matches:
+            return {}
+        by_id = {path_id(s.path): s for s in matches.values()}
+        try:
+            got = self._collection.get(ids=list(by_id), include=["embeddings"])
+        except Exception as exc:  # chromadb raises InternalError and friends; none is fatal here
+            log.warning("could not read stored vectors for reuse (%s); embedding those files again", exc)
+            return {}
+        vectors = got["embeddings"] if got["embeddings"] is not None else []
+        found: dict[str, tuple[StoredImage, np.ndarray]] = {}
+        for record_id, vector in zip(got["ids"], vectors, strict=True):
+            stored = by_id[record_id]
+            found[stored.content_hash] = (stored, np.asarray(vector, np.float32))
+        return found
+
     def _batches(self, items: Sequence[Any]) -> Iterator[Sequence[Any]]:
         for start in range(0, len(items), self.max_batch):
             yield items[start : start + self.max_batch]
@@ -209,13 +264,24 @@ class ImageStore:
 
     def query(self, vector: np.ndarray, k: int, folders: Sequence[Path]) -> list[tuple[StoredImage, float]]:
         """The `k` nearest stored images under any of `folders`, with their cosine, best first."""
-        if self._collection is None or not folders or self.count() == 0:
+        if self._collection is None or not folders:
             return []
-        clauses = [{"$regex": prefix_regex(f)} for f in folders]
-        where = clauses[0] if len(clauses) == 1 else {"$or": clauses}
-        got = self._collection.query(
-            query_embeddings=[np.asarray(vector, np.float32)],
-            n_results=k,
+        prefixes = tuple(str(f).rstrip(os.sep) + os.sep for f in folders)
+        query = np.asarray(vector, np.float32)
+        wanted = k * OVERFETCH
+        hits = [h for h in self._nearest(query, wanted, None) if h[0].path.startswith(prefixes)]
+        if len(hits) < k and len(hits) < self.count():
+            # Too few of the nearest lie in these folders (other folders are indexed too):
+            # ask Chroma to filter, which scans every path but cannot come back short.
+            clauses = [{"$regex": prefix_regex(f)} for f in folders]
+            where = clauses[0] if len(clauses) == 1 else {"$or": clauses}
+            hits = self._nearest(query, k, where)
+        return hits[:k]
+
+    def _nearest(self, vector: np.ndarray, n: int, where: dict[str, Any] | None) -> list[tuple[StoredImage, float]]:
+        got = self._collection.query(  # type: ignore[union-attr]
+            query_embeddings=[vector],
+            n_results=n,
             where_document=where,
             include=["documents", "metadatas", "distances"],
         )

@@ -53,7 +53,8 @@ def photos(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def settings(tiny_clip: Path, tmp_path: Path, photos: Path) -> Settings:
-    return Settings(model=str(tiny_clip), device="cpu", db_dir=tmp_path / "db", allow=[photos])
+    # fp32: these tests check numbers against fp32 references; test_pipeline covers bf16 and int8.
+    return Settings(model=str(tiny_clip), device="cpu", precision="fp32", db_dir=tmp_path / "db", allow=[photos])
 
 
 @asynccontextmanager

@@ -81,7 +81,9 @@ async def test_clip_matrix_equals_the_models_own_forward_and_functional(
 
 
 async def _call_siglip(model: Path, tmp_path: Path, tool: str, args: dict) -> dict:
-    settings = Settings(model=str(model), device="cpu", db_dir=tmp_path / "db", allow=[tmp_path / "allowed"])
+    settings = Settings(
+        model=str(model), device="cpu", precision="fp32", db_dir=tmp_path / "db", allow=[tmp_path / "allowed"]
+    )
     async with connect(settings) as client:
         return structured(await client.call_tool(tool, args))
 

@@ -18,7 +18,7 @@ from mcp.client.stdio import StdioServerParameters, stdio_client
 
 from .conftest import structured
 
-TOOLS = {"index_folder", "search_images", "zero_shot_classify", "explain_similarity_matrix"}
+TOOLS = {"index_folder", "index_status", "search_images", "zero_shot_classify", "explain_similarity_matrix"}
 TIMEOUT = 60  # seconds, for every subprocess and every wait
 PROTOCOL_VERSION = "2025-06-18"  # a handshake-era version: `initialize` is how the session starts
 

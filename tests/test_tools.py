@@ -20,7 +20,7 @@ from cliplens.tools.zero_shot_classify import class_embeddings
 
 from .conftest import connect, error_text, make_image, structured
 
-TOOLS = {"index_folder", "search_images", "zero_shot_classify", "explain_similarity_matrix"}
+TOOLS = {"index_folder", "index_status", "search_images", "zero_shot_classify", "explain_similarity_matrix"}
 
 
 async def test_tools_are_listed_with_schemas_and_hints(settings: Settings) -> None:
@@ -31,8 +31,10 @@ async def test_tools_are_listed_with_schemas_and_hints(settings: Settings) -> No
             assert tool.description and "\n" not in tool.description
             assert tool.output_schema and tool.output_schema["type"] == "object"
             assert tool.annotations is not None
-        assert tools["index_folder"].annotations.read_only_hint is False
-        for name in TOOLS - {"index_folder"}:
+        # index_status can cancel a job: not read-only either.
+        for name in ("index_folder", "index_status"):
+            assert tools[name].annotations.read_only_hint is False
+        for name in TOOLS - {"index_folder", "index_status"}:
             assert tools[name].annotations.read_only_hint is True
         assert tools["search_images"].input_schema["properties"]["top_k"]["maximum"] == 100
         assert tools["zero_shot_classify"].input_schema["properties"]["labels"]["maxItems"] == 100

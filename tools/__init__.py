@@ -6,10 +6,11 @@ from typing import Any
 
 from mcp.server.mcpserver import MCPServer
 
-from . import explain_similarity_matrix, index_folder, search_images, zero_shot_classify
+from . import explain_similarity_matrix, index_folder, index_status, search_images, zero_shot_classify
 
 TOOL_MODULES = {
     "index_folder": index_folder,
+    "index_status": index_status,
     "search_images": search_images,
     "zero_shot_classify": zero_shot_classify,
     "explain_similarity_matrix": explain_similarity_matrix,

@@ -6,19 +6,20 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from mcp.server.mcpserver import Context
 from mcp_types import CallToolResult, ToolAnnotations
 from pydantic import BaseModel, Field
 
 from ..server.encoder import ClipEncoder
-from ..server.images import IMAGE_EXTENSIONS, ImageRejected, load_image
+from ..server.images import IMAGE_EXTENSIONS
+from ..server.jobs import JobRequest, JobStatus
 from ..server.paths import PathPolicy
-from ..server.store import ImageRecord, ImageStore, StoredImage
+from ..server.pipeline import BatchDone, IndexPipeline
+from ..server.store import ImageStore, StoredImage
 from ._mcp import check_cancelled, engine, parse, progress_reporter, run_core, tool_result
 
-BATCH_SIZE = 16
 MAX_FILES = 500_000
 MAX_SKIPPED_LISTED = 50
 MAX_TEXT = 300  # file names are untrusted: cap what goes back to the model
@@ -43,19 +44,36 @@ class SkippedFile(BaseModel):
 
 
 class IndexFolderResult(BaseModel):
+    # With background=true nothing is counted yet: the counts are None, not zeros, and the
+    # job says where to look (index_status). A synchronous run fills every count.
     folder: str
-    scanned: int = Field(description="Image files found")
-    added: int
-    updated: int = Field(description="Re-embedded because size or mtime changed")
-    unchanged: int
-    removed: int = Field(description="Entries dropped because their file vanished (prune)")
-    skipped: list[SkippedFile] = Field(description=f"The first {MAX_SKIPPED_LISTED} files that were skipped")
-    skipped_count: int
-    seconds: float
-    images_per_second: float = Field(description="Images embedded per second of the whole run")
+    scanned: int | None = Field(default=None, description="Image files found (None: the background job reports it)")
+    added: int | None = None
+    updated: int | None = Field(default=None, description="Re-embedded because size or mtime changed")
+    unchanged: int | None = None
+    removed: int | None = Field(default=None, description="Entries dropped because their file vanished (prune)")
+    skipped: list[SkippedFile] | None = Field(
+        default=None, description=f"The first {MAX_SKIPPED_LISTED} files that were skipped"
+    )
+    skipped_count: int | None = None
+    seconds: float | None = None
+    images_per_second: float | None = Field(default=None, description="Images embedded per second of the whole run")
     model: str
     device: str
-    store_total: int = Field(description="Images in this model's collection after the run")
+    store_total: int | None = Field(default=None, description="Images in this model's collection after the run")
+    reused: int | None = Field(
+        default=None,
+        description="Of added+updated, files whose bytes were already stored under another path "
+        "(moved or copied): their embedding was reused, not recomputed",
+    )
+    precision: str = Field(default="", description="The inference path: fp32, bf16, fp16 or int8")
+    pipeline: str = Field(default="", description="How the images were decoded and batched")
+    status: Literal["completed", "started"] = Field(
+        default="completed",
+        description="completed: indexed now, counts filled; started: handed to the background job below "
+        "(a new one, or an identical one already queued or running), counts are null",
+    )
+    job: JobStatus | None = Field(default=None, description="The background job; poll index_status with its job_id")
 
 
 class _Skips:
@@ -81,81 +99,62 @@ def index_folder(
     *,
     progress: Callable[[int, int, str], None] | None = None,
     cancelled: Callable[[], None] | None = None,
-    batch_size: int = BATCH_SIZE,
+    batch_size: int | None = None,
+    workers: int | None = None,
 ) -> IndexFolderResult:
-    """Walk, embed what is new or changed, upsert in batches, prune what vanished.
+    """Walk, embed what is new or changed (in a parallel pipeline), prune what vanished.
 
-    `cancelled` is called between batches and raises to stop; batches already written stay.
+    An unchanged file costs the one stat the walk made. `cancelled` is called between batches
+    and raises to stop; batches already embedded are still written.
     """
     started = time.perf_counter()
     folder = policy.resolve(request.path, want="dir")
     store.require_writable()
+    pipeline = IndexPipeline(encoder, store, batch_size=batch_size, workers=workers)
     known = store.entries_under(folder, recursive=request.recursive)
     skips = _Skips()
     seen: set[str] = set()
     todo: list[Path] = []
     truncated = False
+    linked: list[tuple[str, os.stat_result]] = []
     for item in policy.walk(folder, recursive=request.recursive, extensions=IMAGE_EXTENSIONS, max_files=MAX_FILES):
         if item.skip_reason == "max_files_reached":
             truncated = True
-        if item.skip_reason:
-            skips.add(item.path, item.skip_reason, item.detail)
+        if item.skip_reason or item.stat is None:
+            skips.add(item.path, item.skip_reason or "unreadable", item.detail)
             continue
-        seen.add(str(item.path))
+        key = str(item.path)
+        seen.add(key)
+        if key in known:
+            if not _unchanged(known[key], item.stat):
+                todo.append(item.path)
+        else:
+            linked.append((key, item.stat))
     # A link inside the folder may lead to a file elsewhere in the allowed folders: its
     # entry is not under `folder`, so look it up by path.
-    known.update(store.entries_for([p for p in seen if p not in known]))
-    for key in sorted(seen):
-        path = Path(key)
-        try:
-            st = path.stat()
-        except OSError as exc:
-            skips.add(path, "unreadable", exc.strerror or type(exc).__name__)
-            continue
-        if not _unchanged(known.get(key), st):
-            todo.append(path)
+    if linked:
+        known.update(store.entries_for([key for key, _ in linked]))
+        todo += [Path(key) for key, st in linked if not _unchanged(known.get(key), st)]
+    todo.sort()
     scanned = len(seen)
     unchanged = scanned - len(todo)
-    added = updated = done = 0
+    counts = {"added": 0, "updated": 0, "reused": 0, "done": 0}
     if progress:
         progress(0, len(todo), f"{len(todo)} of {scanned} images to embed")
-    for start in range(0, len(todo), batch_size):
-        if cancelled:
-            cancelled()
-        loaded = []
-        for path in todo[start : start + batch_size]:
-            try:
-                image = load_image(path)
-                st = path.stat()
-            except ImageRejected as exc:
-                skips.add(path, exc.reason, exc.detail)
-                continue
-            except OSError as exc:
-                skips.add(path, "unreadable", exc.strerror or type(exc).__name__)
-                continue
-            if (st.st_size, st.st_mtime_ns) != (image.size_bytes, image.mtime_ns):
-                # Rewritten while we read it: the next run sees the settled file.
-                skips.add(path, "changed_during_indexing")
-                continue
-            loaded.append((path, image))
-        if loaded:
-            vectors = encoder.embed_images([img.image for _, img in loaded])
-            records = [
-                ImageRecord(
-                    StoredImage(str(p), img.size_bytes, img.mtime_ns, img.content_hash, img.width, img.height),
-                    vec,
-                )
-                for (p, img), vec in zip(loaded, vectors, strict=True)
-            ]
-            store.upsert(records)
-            for p, _ in loaded:
-                if str(p) in known:
-                    updated += 1
-                else:
-                    added += 1
-        done = min(start + batch_size, len(todo))
+
+    def on_batch(batch: BatchDone) -> None:
+        for stored in batch.written:
+            counts["updated" if stored.path in known else "added"] += 1
+        for path, reason, detail in batch.skipped:
+            skips.add(path, reason, detail)
+        counts["reused"] += batch.reused
+        counts["done"] += batch.attempted
         if progress:
-            progress(done, len(todo), f"embedded {added + updated} of {len(todo)}")
+            progress(counts["done"], len(todo), f"embedded {counts['added'] + counts['updated']} of {len(todo)}")
+
+    embed_started = time.perf_counter()
+    pipeline.run(todo, on_batch=on_batch, cancelled=cancelled)
+    embed_seconds = time.perf_counter() - embed_started
     removed = 0
     if request.prune and not truncated:
         # Only entries whose file is really gone: a file under a folder we could not read
@@ -164,19 +163,23 @@ def index_folder(
         store.delete(gone)
         removed = len(gone)
     seconds = time.perf_counter() - started
+    embedded = counts["added"] + counts["updated"]
     return IndexFolderResult(
         folder=_cap(str(folder)),
         scanned=scanned,
-        added=added,
-        updated=updated,
+        added=counts["added"],
+        updated=counts["updated"],
         unchanged=unchanged,
         removed=removed,
+        reused=counts["reused"],
         skipped=skips.listed,
         skipped_count=skips.count,
         seconds=round(seconds, 3),
-        images_per_second=round((added + updated) / seconds, 2) if seconds > 0 else 0.0,
+        images_per_second=round(embedded / embed_seconds, 2) if embedded and embed_seconds > 0 else 0.0,
         model=encoder.info.model_id,
         device=str(encoder.device),
+        precision=encoder.precision,
+        pipeline=pipeline.describe(),
         store_total=store.count(),
     )
 
@@ -192,9 +195,24 @@ async def handle(
     ctx: Context,
     recursive: Annotated[bool, Field(description="Also index subfolders")] = True,
     prune: Annotated[bool, Field(description="Remove entries of images that vanished")] = True,
+    background: Annotated[
+        bool, Field(description="Run as a background job and return at once with its job_id; poll index_status")
+    ] = False,
 ) -> Annotated[CallToolResult, IndexFolderResult]:
     app = engine(ctx)
     request = parse(IndexFolderInput, path=path, recursive=recursive, prune=prune)
+    if background:
+        # Checked now, so a bad path is an error of this call rather than a failed job later.
+        folder = await run_core(app.policy.resolve, request.path, want="dir")
+        job = await run_core(app.jobs.submit, JobRequest(path=str(folder), recursive=recursive, prune=prune))
+        started = IndexFolderResult(
+            folder=_cap(str(folder)),
+            model=app.encoder.info.model_id,
+            device=str(app.encoder.device),
+            status="started",
+            job=job,
+        )
+        return tool_result(started)
     result = await run_core(
         index_folder,
         app.encoder,
