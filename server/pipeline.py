@@ -30,6 +30,7 @@ from .images import ImageRejected, RawImageFile, decode_image, read_image_file
 from .store import ImageRecord, ImageStore, StoredImage
 
 PREFETCH_BATCHES = 2
+WRITE_COALESCE = 256
 
 
 @dataclass
@@ -275,14 +276,27 @@ class IndexPipeline:
         return done, records
 
     def _write(self, writes: queue.Queue[Any], errors: list[BaseException]) -> None:
-        while True:
+        finished = False
+        while not finished:
             records = writes.get()
             if records is None:
                 return
+            # Batches that queued up while the last write ran go out together: Chroma's cost
+            # per record falls by a third from 32 to 256 records a call.
+            while len(records) < WRITE_COALESCE:
+                try:
+                    more = writes.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    finished = True
+                    break
+                records = records + more
             if errors or not records:
                 continue  # after a failure, keep draining so the producer never blocks
             try:
-                self.store.upsert(records)
+                with self.gate.decoding():  # CPU work like decoding: not while the model runs
+                    self.store.upsert(records)
             except BaseException as exc:
                 errors.append(exc)
 

@@ -169,7 +169,9 @@ class ImageStore:
         found: dict[str, StoredImage] = {}
         if self._collection is None:
             return found
-        page = 1000
+        # Few large pages: every page is a new regex scan over all paths (1k pages: 1.0 s for
+        # 20k entries; one 20k page: 0.43 s).
+        page = 50_000
         offset = 0
         while True:
             got = self._collection.get(

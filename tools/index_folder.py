@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -111,27 +112,26 @@ def index_folder(
     folder = policy.resolve(request.path, want="dir")
     store.require_writable()
     pipeline = IndexPipeline(encoder, store, batch_size=batch_size, workers=workers)
-    known = store.entries_under(folder, recursive=request.recursive)
-    skips = _Skips()
-    seen: set[str] = set()
-    todo: list[Path] = []
-    truncated = False
-    linked: list[tuple[str, os.stat_result]] = []
-    for item in policy.walk(folder, recursive=request.recursive, extensions=IMAGE_EXTENSIONS, max_files=MAX_FILES):
-        if item.skip_reason == "max_files_reached":
-            truncated = True
-        if item.skip_reason or item.stat is None:
-            skips.add(item.path, item.skip_reason or "unreadable", item.detail)
-            continue
-        key = str(item.path)
-        seen.add(key)
-        if key in known:
-            if not _unchanged(known[key], item.stat):
-                todo.append(item.path)
-        else:
-            linked.append((key, item.stat))
+    # What the store knows and what the disk holds are independent: read both at once
+    # (Chroma's reader releases the GIL), which nearly halves an unchanged re-index.
+    with ThreadPoolExecutor(1, thread_name_prefix="cliplens-known") as reader:
+        known_future = reader.submit(store.entries_under, folder, recursive=request.recursive)
+        skips = _Skips()
+        on_disk: dict[str, os.stat_result] = {}
+        truncated = False
+        for item in policy.walk(folder, recursive=request.recursive, extensions=IMAGE_EXTENSIONS, max_files=MAX_FILES):
+            if item.skip_reason == "max_files_reached":
+                truncated = True
+            if item.skip_reason or item.stat is None:
+                skips.add(item.path, item.skip_reason or "unreadable", item.detail)
+                continue
+            on_disk[str(item.path)] = item.stat
+        known = known_future.result()
+    seen = set(on_disk)
+    todo = [Path(key) for key, st in on_disk.items() if key in known and not _unchanged(known[key], st)]
     # A link inside the folder may lead to a file elsewhere in the allowed folders: its
     # entry is not under `folder`, so look it up by path.
+    linked = [(key, st) for key, st in on_disk.items() if key not in known]
     if linked:
         known.update(store.entries_for([key for key, _ in linked]))
         todo += [Path(key) for key, st in linked if not _unchanged(known.get(key), st)]
