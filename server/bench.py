@@ -32,6 +32,7 @@ TARGETS = {  # figure -> (comparison, bound, unit)
     "small_efficiency": (">=", 0.85, "×"),
     "reindex_files_s": (">=", 20_000.0, " files/s"),
     "search_text_ratio": ("<=", 2.0, "×"),
+    "recall_at_10": (">=", 0.95, ""),  # the issue sets it at 1M vectors; every size is held to it
 }
 
 
@@ -208,6 +209,7 @@ def build_report(
         figures["png_efficiency"] = small["png"]["img_s"] / small["encoder_img_s"]
     targets = [_target(name, figures[name]) for name in ("big_speedup", "small_efficiency", "reindex_files_s")]
     targets += [_target("search_text_ratio", r["search_text_ratio"], f"@{r['vectors']}") for r in searches]
+    targets += [_target("recall_at_10", r["recall_at_10"], f"@{r['vectors']}") for r in searches]
     machine = machine_info() | {k: big.get(k) for k in ("torch_threads", "device", "precision")}
     options = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()}
     return {
@@ -281,7 +283,7 @@ def format_report(report: dict[str, Any]) -> str:
             row(f"@{at}: search_images p50 / p95", ms),
             row(f"@{at}: text tower alone p50", f"{r['text_p50_ms']:.1f} ms"),
             row(f"@{at}: search p50 / text p50", f"{r['search_text_ratio']:.2f}×", f"search_text_ratio@{r['vectors']}"),
-            row(f"@{at}: recall@10 vs exact (no target)", f"{r['recall_at_10']:.3f}"),
+            row(f"@{at}: recall@10 vs exact search", f"{r['recall_at_10']:.3f}", f"recall_at_10@{r['vectors']}"),
             row(f"@{at}: store inserts", f"{r['insert_vectors_s']:,.0f} vec/s"),
         ]
     rss = report["peak_rss_mib"]

@@ -100,10 +100,14 @@ def _read_file(path: Path) -> tuple[bytes, os.stat_result]:
             raise ImageRejected("not_a_file", "not a regular file")
         if st.st_size > MAX_FILE_BYTES:
             raise ImageRejected("too_large", f"{st.st_size} bytes > {MAX_FILE_BYTES}")
-        # Read one byte past the limit: the file may have grown since fstat.
         with os.fdopen(fd, "rb") as fh:
             fd = -1  # now owned (and closed) by fh
-            data = fh.read(MAX_FILE_BYTES + 1)
+            # Ask for the size fstat gave, plus one byte: read(MAX + 1) would allocate the
+            # whole limit (256 MiB) for every file, and a file that grew since fstat shows.
+            want = st.st_size + 1
+            data = fh.read(want)
+            if len(data) == want:  # it grew: read on, still one byte past the limit at most
+                data += fh.read(MAX_FILE_BYTES + 1 - len(data))
     except OSError as exc:
         raise ImageRejected("unreadable", exc.strerror or type(exc).__name__) from None
     finally:

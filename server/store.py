@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +114,7 @@ class ImageStore:
         self.lock = lock
         self.read_only = lock is not None and not lock.held
         self.max_batch = int(client.get_max_batch_size())
+        self._counted: tuple[float, int] | None = None  # (monotonic time, count)
         name = collection_name(info)
         metadata = {
             "model": info.model_id,
@@ -161,8 +163,19 @@ class ImageStore:
             )
         return self._collection
 
-    def count(self) -> int:
-        return 0 if self._collection is None else int(self._collection.count())
+    def count(self, *, max_age: float = 0.0) -> int:
+        """Records in the collection. Counting costs ~6 ms at 100k records, a third of a
+        search: with `max_age`, a count that recent (and no write since, from this process)
+        is reused. Other processes' writes show up once it expires."""
+        if self._collection is None:
+            return 0
+        now = time.monotonic()
+        cached = self._counted
+        if cached is not None and max_age > 0 and now - cached[0] <= max_age:
+            return cached[1]
+        total = int(self._collection.count())
+        self._counted = (now, total)
+        return total
 
     def entries_under(self, folder: Path, *, recursive: bool = True) -> dict[str, StoredImage]:
         """Stored images under `folder` (direct children only when not recursive), by path."""
@@ -237,6 +250,7 @@ class ImageStore:
 
     def upsert(self, records: Sequence[ImageRecord]) -> None:
         collection = self.require_writable()
+        self._counted = None
         for batch in self._batches(records):
             vectors = np.stack([r.embedding for r in batch]).astype(np.float32)
             if vectors.shape[1] != self.info.dim:
@@ -261,6 +275,7 @@ class ImageStore:
 
     def delete(self, paths: Sequence[str]) -> None:
         collection = self.require_writable()
+        self._counted = None
         for batch in self._batches(list(paths)):
             collection.delete(ids=[path_id(p) for p in batch])
 

@@ -210,3 +210,27 @@ def test_collections_search_with_a_wide_beam_even_when_made_before(tmp_path: Pat
     store = ImageStore(client, encoder.info, location="test")
     hnsw = store.require_writable().configuration["hnsw"]
     assert hnsw["ef_search"] == HNSW_EF_SEARCH and hnsw["space"] == "cosine"
+
+
+def test_memory_stays_bounded_however_many_images(tmp_path: Path, toy_fp32) -> None:
+    """Peak Python-visible memory (NumPy pixels among it) does not grow with the folder."""
+    import tracemalloc
+
+    from cliplens.server.pipeline import IndexPipeline
+
+    def peak_for(count: int) -> int:
+        folder = tmp_path / f"n{count}"
+        paths = [photo(folder / f"{i:04d}.jpg", 96, 80, seed=i) for i in range(count)]
+        store = ImageStore(open_client(tmp_path / f"db{count}", None), toy_fp32.info, location="test")
+        pipeline = IndexPipeline(toy_fp32, store, batch_size=8, workers=2)
+        tracemalloc.start()
+        try:
+            pipeline.run(paths)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    small, large = peak_for(48), peak_for(480)
+    # 48 pixel tensors of 3x64x64 float32 are 2.4 MB; 480 would be 24 MB if they were all kept.
+    assert large < small * 1.5 + 1_000_000, (small, large)
+    assert small > 8 * 3 * 64 * 64 * 4  # the tracing sees the pixel batches at all

@@ -17,6 +17,7 @@ from ._mcp import engine, image_block, parse, run_core, tool_result
 MAX_TOP_K = 100
 MAX_QUERY_CHARS = 1000
 MAX_PATH_CHARS = 1024
+COUNT_MAX_AGE = 5.0  # seconds an `indexed_total` may lag other processes' writes
 
 Query = Annotated[str, Field(min_length=1, max_length=MAX_QUERY_CHARS, description="What to look for, in words")]
 TopK = Annotated[int, Field(ge=1, le=MAX_TOP_K, description=f"How many hits, 1 to {MAX_TOP_K}")]
@@ -77,7 +78,7 @@ def search_images(
         )
     ]
     hint = None
-    total = store.count()
+    total = store.count(max_age=COUNT_MAX_AGE)
     if not hits:
         hint = (
             "No image clears min_score; lower it or drop it."
