@@ -17,6 +17,7 @@ from .bench import add_bench_command, run_bench_command
 from .config import ENV_ALLOW, Settings
 from .encoder import DEVICES, PRECISIONS, ModelLoadError
 from .images import ImageRejected
+from .parity import add_parity_command, run_parity_command
 from .store import StoreError
 from .toycli import add_toy_commands, run_toy_command
 
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", choices=DEVICES)
     add_toy_commands(sub)
     add_bench_command(sub)
+    add_parity_command(sub)
     return parser
 
 
@@ -243,6 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_toy_command(args)
         if args.command == "bench":
             return run_bench_command(args)
+        if args.command == "parity":
+            return run_parity_command(args)
         return _run_tool(args)
     except (ModelLoadError, StoreError, ValidationError, ValueError, ImageRejected) as exc:
         print(f"cliplens: error: {exc}", file=sys.stderr)

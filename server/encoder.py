@@ -332,7 +332,7 @@ def _apply_precision(model: Any, precision: str) -> Any:
         return model.half()
     if precision == "int8":
         # Dynamic int8 on the Linear layers (the bulk of a ViT's compute); opt-in only,
-        # because it costs retrieval accuracy (see `cliplens bench --parity`).
+        # because it costs retrieval accuracy (see `cliplens parity`).
         with warnings.catch_warnings():
             # torch marks its eager quantisation as deprecated; it still ships and works in 2.13.
             warnings.simplefilter("ignore", UserWarning)

@@ -186,7 +186,8 @@ def index_folder(
 
 DESCRIPTION = (
     "Index the images in an allowed folder so search_images can find them; only new or changed "
-    "files are embedded, and entries of deleted files are removed."
+    "files are embedded, and entries of deleted files are removed. For a large folder, pass "
+    "background=true and follow the job with index_status."
 )
 
 
