@@ -1,7 +1,7 @@
 """Background index jobs: one worker thread, a JSON journal, and resume after a crash.
 
 Indexing is incremental (unchanged files are skipped by size and mtime), so re-running an
-interrupted job resumes it, losing at most the batch in flight. The journal makes that
+interrupted job resumes it, losing at most the batches in flight (see pipeline.py). The journal makes that
 automatic: every job is a JSON file written atomically on each state change (and about once
 a second for progress), and a job found queued or running when the manager opens belonged
 to a process that died; it is queued again.

@@ -5,9 +5,10 @@ runs on the previous batch and the store writes the one before that.
           ─▶ resize/crop/normalise ─▶ [caller] model, one batch ─▶ [writer] Chroma upsert
 
 Pillow, hashlib and NumPy release the GIL for the heavy parts, so worker threads use real
-cores. At most `prefetch` batches wait for the model and 2 for the writer, so memory stays
-bounded however large the folder. A file whose bytes are already stored under another path
-(moved or copied) gets that embedding instead of a pass through the model.
+cores. At most `prefetch` batches wait for the model, one is written while one more waits,
+so memory stays bounded however large the folder, and a crash loses at most the three
+batches in flight (the model's and the writer's two). A file whose bytes are already stored
+under another path (moved or copied) gets that embedding instead of a pass through the model.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from .images import ImageRejected, RawImageFile, decode_image, read_image_file
 from .store import ImageRecord, ImageStore, StoredImage
 
 PREFETCH_BATCHES = 2
-WRITE_COALESCE = 256
 
 
 @dataclass
@@ -187,7 +187,9 @@ class IndexPipeline:
         before the stop is still written; the error then propagates."""
         stop = threading.Event()
         ready: queue.Queue[Any] = queue.Queue(maxsize=self.prefetch)
-        writes: queue.Queue[Any] = queue.Queue(maxsize=2)
+        # One batch waiting while one is written: a crash loses at most those two and the one
+        # in the model, all of which the next (incremental) run embeds again.
+        writes: queue.Queue[Any] = queue.Queue(maxsize=1)
         write_error: list[BaseException] = []
         with ThreadPoolExecutor(self.workers, thread_name_prefix="cliplens-decode") as pool:
             feeder = threading.Thread(
@@ -276,22 +278,10 @@ class IndexPipeline:
         return done, records
 
     def _write(self, writes: queue.Queue[Any], errors: list[BaseException]) -> None:
-        finished = False
-        while not finished:
+        while True:
             records = writes.get()
             if records is None:
                 return
-            # Batches that queued up while the last write ran go out together: Chroma's cost
-            # per record falls by a third from 32 to 256 records a call.
-            while len(records) < WRITE_COALESCE:
-                try:
-                    more = writes.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    finished = True
-                    break
-                records = records + more
             if errors or not records:
                 continue  # after a failure, keep draining so the producer never blocks
             try:
