@@ -143,7 +143,9 @@ def _run_tool(args: argparse.Namespace) -> int:
             return (
                 f"{r.folder}: {r.scanned} images, {r.added} added, {r.updated} updated, {r.unchanged} unchanged, "
                 f"{r.removed} removed, {r.skipped_count} skipped in {r.seconds:.1f}s "
-                f"({r.images_per_second:.1f} img/s, {r.model} on {r.device})"
+                f"({r.images_per_second:.1f} img/s, {r.model} on {r.device} in {r.precision}"
+                + (f", {r.reused} reused" if r.reused else "")
+                + ")"
                 + "".join(f"\n  skipped {s.reason}: {s.path}" for s in r.skipped)
             )
     elif args.command == "search":

@@ -55,7 +55,7 @@ def test_human_index_prints_a_summary_and_draws_progress_on_stderr(
     lines = out.splitlines()
     assert len(lines) == 1, out  # nothing but the summary
     assert lines[0].startswith(f"{photos}: 4 images, 4 added, 0 updated, 0 unchanged, 0 removed, 0 skipped in ")
-    assert "img/s" in lines[0] and "on cpu)" in lines[0]
+    assert "img/s" in lines[0] and "on cpu in " in lines[0]
     bars = PROGRESS_BAR.findall(err)
     assert bars and bars[-1] == ("4", "4")
     assert not PROGRESS_BAR.search(out)

@@ -58,7 +58,9 @@ class IndexFolderResult(BaseModel):
     )
     skipped_count: int | None = None
     seconds: float | None = None
-    images_per_second: float | None = Field(default=None, description="Images embedded per second of the whole run")
+    images_per_second: float | None = Field(
+        default=None, description="Images embedded per second of the embedding phase (after the scan)"
+    )
     model: str
     device: str
     store_total: int | None = Field(default=None, description="Images in this model's collection after the run")
