@@ -234,3 +234,43 @@ def test_memory_stays_bounded_however_many_images(tmp_path: Path, toy_fp32) -> N
     # 48 pixel tensors of 3x64x64 float32 are 2.4 MB; 480 would be 24 MB if they were all kept.
     assert large < small * 1.5 + 1_000_000, (small, large)
     assert small > 8 * 3 * 64 * 64 * 4  # the tracing sees the pixel batches at all
+
+
+def test_cpu_gate_never_lets_decoding_run_during_the_model() -> None:
+    import threading
+    import time
+
+    from cliplens.server.pipeline import CpuGate
+
+    gate = CpuGate(enabled=True)
+    log: list[tuple[str, float, float]] = []
+
+    def decode() -> None:
+        for _ in range(20):
+            with gate.decoding():
+                start = time.perf_counter()
+                time.sleep(0.002)
+                log.append(("decode", start, time.perf_counter()))
+
+    def model() -> None:
+        for _ in range(5):
+            with gate.model():
+                start = time.perf_counter()
+                time.sleep(0.01)
+                log.append(("model", start, time.perf_counter()))
+
+    threads = [threading.Thread(target=decode) for _ in range(3)] + [threading.Thread(target=model)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    models = [(s, e) for kind, s, e in log if kind == "model"]
+    decodes = [(s, e) for kind, s, e in log if kind == "decode"]
+    assert len(models) == 5 and len(decodes) == 60
+    assert not [d for d in decodes for m in models if d[0] < m[1] and m[0] < d[1]], "decode overlapped the model"
+    # Decoders do run together between forward passes.
+    assert any(a[0] < b[1] and b[0] < a[1] for i, a in enumerate(decodes) for b in decodes[i + 1 :])
+    # Open (GPU): no waiting at all.
+    open_gate = CpuGate(enabled=False)
+    with open_gate.model(), open_gate.decoding():
+        pass
