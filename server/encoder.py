@@ -204,10 +204,6 @@ class ClipEncoder:
             fingerprint=fingerprint,
             probability=self.probability,
         )
-        if self.fast is not None:
-            # Warm the image tower too, so the first indexed batch is not the slow one.
-            width, height = self.fast.output_size
-            self.embed_pixels(np.zeros((1, 3, height, width), np.float32))
 
     @property
     def logit_scale(self) -> float:

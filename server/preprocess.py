@@ -34,15 +34,6 @@ class FastPreprocessor:
     offset: np.ndarray  # (3,) float32: -mean / std
 
     @property
-    def output_size(self) -> tuple[int, int]:
-        """(width, height) of the pixel tensor this produces."""
-        if self.crop:
-            return self.crop
-        if self.resize_to:
-            return self.resize_to
-        raise AssertionError("a shortest-edge resize without a crop has no fixed size")
-
-    @property
     def draft_size(self) -> tuple[int, int]:
         """The smallest (width, height) a JPEG may be DCT-scaled to before our resize.
 
