@@ -19,7 +19,7 @@ from PIL import Image
 from pydantic import BaseModel
 
 from .encoder import DEVICES, PRECISIONS, ClipEncoder, load_encoder, pick_device, pick_precision
-from .toyeval import KIND_TEMPLATE
+from .toyeval import KIND_TEMPLATE, class_vectors, zero_shot_accuracy
 from .toyworld import COLOURS, KINDS, render, single_scene
 
 DEFAULT_SEED = 20261127  # toyeval's evaluation seed: never used in training (seed 0)
@@ -70,9 +70,7 @@ class _Run:
         self.image_vecs = self.embed()
         self.prompt_vecs = encoder.embed_texts(prompts)
         self.query_vecs = encoder.embed_texts(queries)
-        colours = list(COLOURS)
-        self.kind_vecs = encoder.embed_ensembles([[KIND_TEMPLATE.format(c=c, k=k) for c in colours] for k in KINDS])
-        self.colour_vecs = encoder.embed_ensembles([[KIND_TEMPLATE.format(c=c, k=k) for k in KINDS] for c in colours])
+        self.classes = class_vectors(encoder)
 
     def embed(self) -> np.ndarray:
         start = time.perf_counter()
@@ -85,12 +83,7 @@ class _Run:
         return vecs
 
     def accuracies(self, labels: list[tuple[str, str]]) -> tuple[float, float]:
-        kinds = (self.image_vecs @ self.kind_vecs.T).argmax(axis=1)
-        colours = (self.image_vecs @ self.colour_vecs.T).argmax(axis=1)
-        colour_names = list(COLOURS)
-        obj = np.mean([KINDS[p] == k for p, (_, k) in zip(kinds, labels, strict=True)])
-        col = np.mean([colour_names[p] == c for p, (c, _) in zip(colours, labels, strict=True)])
-        return float(obj), float(col)
+        return zero_shot_accuracy(self.image_vecs, self.classes, labels)
 
     def top(self, k: int) -> np.ndarray:
         return np.argsort(-(self.query_vecs @ self.image_vecs.T), axis=1, kind="stable")[:, :k]

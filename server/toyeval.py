@@ -41,21 +41,36 @@ def _embed_scenes(encoder: ClipEncoder, scenes: list[Scene]) -> np.ndarray:
     return encoder.embed_images([render(s) for s in scenes])
 
 
+def class_vectors(encoder: ClipEncoder) -> tuple[np.ndarray, np.ndarray]:
+    """(kinds, colours) zero-shot class vectors. Each class is an ensemble over the other
+    attribute, e.g. "red" averages "a photo of a red car.", "a photo of a red boat.", ..."""
+    colours = list(COLOURS)
+    kind_vecs = encoder.embed_ensembles([[KIND_TEMPLATE.format(c=c, k=k) for c in colours] for k in KINDS])
+    colour_vecs = encoder.embed_ensembles([[KIND_TEMPLATE.format(c=c, k=k) for k in KINDS] for c in colours])
+    return kind_vecs, colour_vecs
+
+
+def zero_shot_accuracy(
+    image_vecs: np.ndarray, classes: tuple[np.ndarray, np.ndarray], labels: list[tuple[str, str]]
+) -> tuple[float, float]:
+    """(object, colour) accuracy of single-object images labelled (colour, kind)."""
+    kind_vecs, colour_vecs = classes
+    colours = list(COLOURS)
+    kind_pred = (image_vecs @ kind_vecs.T).argmax(axis=1)
+    colour_pred = (image_vecs @ colour_vecs.T).argmax(axis=1)
+    objects = np.mean([KINDS[p] == k for p, (_, k) in zip(kind_pred, labels, strict=True)])
+    colour = np.mean([colours[p] == c for p, (c, _) in zip(colour_pred, labels, strict=True)])
+    return float(objects), float(colour)
+
+
 def evaluate(
     encoder: ClipEncoder, seed: int, *, singles: int = 600, gallery: int = 1000, per_pair: int = 12
 ) -> ToyReport:
     rng = random.Random(seed)
     colours = list(COLOURS)
-    # Zero-shot: each class is an ensemble over the other attribute, e.g. "red" averages
-    # "a photo of a red car.", "a photo of a red boat.", ... (the text side only).
-    kind_vecs = encoder.embed_ensembles([[KIND_TEMPLATE.format(c=c, k=k) for c in colours] for k in KINDS])
-    colour_vecs = encoder.embed_ensembles([[KIND_TEMPLATE.format(c=c, k=k) for k in KINDS] for c in colours])
     test = [single_scene(rng, rng.choice(colours), rng.choice(KINDS)) for _ in range(singles)]
-    img = _embed_scenes(encoder, test)
-    kind_pred = (img @ kind_vecs.T).argmax(axis=1)
-    colour_pred = (img @ colour_vecs.T).argmax(axis=1)
-    object_acc = float(np.mean([KINDS[p] == s.objects[0].kind for p, s in zip(kind_pred, test, strict=True)]))
-    colour_acc = float(np.mean([colours[p] == s.objects[0].color for p, s in zip(colour_pred, test, strict=True)]))
+    test_labels = [(s.objects[0].color, s.objects[0].kind) for s in test]
+    object_acc, colour_acc = zero_shot_accuracy(_embed_scenes(encoder, test), class_vectors(encoder), test_labels)
 
     # Retrieval: a gallery of random scenes plus `per_pair` of each evaluated pair.
     pairs = list(HELD_OUT_PAIRS) + list(SEEN_PAIRS)
