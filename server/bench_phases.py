@@ -7,7 +7,6 @@ the 12-megapixel decodes of one phase do not inflate the figure of the next.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 import time
@@ -211,6 +210,7 @@ def small(params: PhaseParams) -> dict[str, Any]:
 def reindex(params: PhaseParams) -> dict[str, Any]:
     """index_folder over a folder whose every file is already in the store, unchanged."""
     from .bench_corpus import clip_like_vectors
+    from .images import read_image_file
     from .store import ImageRecord, StoredImage
 
     encoder = _load(params)
@@ -221,16 +221,14 @@ def reindex(params: PhaseParams) -> dict[str, Any]:
         raise PhaseError(f"no files in {folder}")
     # The store is filled as a first index_folder would have filled it (same paths, sizes,
     # mtimes, hashes), without embedding thousands of images through the model.
-    hashes: dict[bytes, str] = {}
     records = []
     vectors = clip_like_vectors(len(files), encoder.info.dim, params.seed)
     for path, vector in zip(files, vectors, strict=True):
-        data = path.read_bytes()
-        digest = hashes.setdefault(data, hashlib.blake2b(data, digest_size=16).hexdigest())
-        st = path.stat()
+        raw = read_image_file(path)  # the size, mtime and hash index_folder itself records
         with Image.open(path) as img:
             width, height = img.size
-        records.append(ImageRecord(StoredImage(str(path), st.st_size, st.st_mtime_ns, digest, width, height), vector))
+        stored = StoredImage(str(path), raw.size_bytes, raw.mtime_ns, raw.content_hash, width, height)
+        records.append(ImageRecord(stored, vector))
     store.upsert(records)
     result, seconds = _index(encoder, store, str(folder))
     if result.scanned != len(files) or result.unchanged != len(files) or result.added or result.updated:

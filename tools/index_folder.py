@@ -129,7 +129,6 @@ def index_folder(
                 continue
             on_disk[str(item.path)] = item.stat
         known = known_future.result()
-    seen = set(on_disk)
     todo = [Path(key) for key, st in on_disk.items() if key in known and not _unchanged(known[key], st)]
     # A link inside the folder may lead to a file elsewhere in the allowed folders: its
     # entry is not under `folder`, so look it up by path.
@@ -138,7 +137,7 @@ def index_folder(
         known.update(store.entries_for([key for key, _ in linked]))
         todo += [Path(key) for key, st in linked if not _unchanged(known.get(key), st)]
     todo.sort()
-    scanned = len(seen)
+    scanned = len(on_disk)
     unchanged = scanned - len(todo)
     counts = {"added": 0, "updated": 0, "reused": 0, "done": 0}
     if progress:
@@ -161,7 +160,7 @@ def index_folder(
     if request.prune and not truncated:
         # Only entries whose file is really gone: a file under a folder we could not read
         # this time still exists and keeps its entry.
-        gone = [p for p in known if p not in seen and (not os.path.isfile(p) or os.path.islink(p))]
+        gone = [p for p in known if p not in on_disk and (not os.path.isfile(p) or os.path.islink(p))]
         store.delete(gone)
         removed = len(gone)
     seconds = time.perf_counter() - started
