@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 
+from .paths import open_beneath
+
 MAX_FILE_BYTES = 256 * 1024 * 1024
 
 
@@ -81,17 +83,18 @@ class LoadedImage:
     content_hash: str  # hex blake2b(digest_size=16) of the file bytes
 
 
-def _read_file(path: Path) -> tuple[bytes, os.stat_result]:
+def _read_file(path: Path, roots: Sequence[Path] | None) -> tuple[bytes, os.stat_result]:
     # O_NOFOLLOW: the walker/policy checked the real path earlier; if the file was swapped
-    # for a symlink since, refuse rather than follow it somewhere unchecked.
+    # for a symlink since, refuse rather than follow it somewhere unchecked. With `roots`, no
+    # folder on the way may be a symlink either (open_beneath).
     # O_NONBLOCK: opening a FIFO must not hang; fstat then rejects it as not_a_file.
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     flags |= getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
     try:
-        fd = os.open(path, flags)
+        fd = os.open(path, flags) if roots is None else open_beneath(roots, path, flags)
     except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.EMLINK):
-            raise ImageRejected("unreadable", "path is a symlink") from None
+        if exc.errno in (errno.ELOOP, errno.EMLINK, errno.ENOTDIR):
+            raise ImageRejected("unreadable", "a symlink took the place of the file or a folder above it") from None
         raise ImageRejected("unreadable", exc.strerror or type(exc).__name__) from None
     try:
         # fstat the descriptor we opened (not the path) so the checks describe what we read.
@@ -130,13 +133,15 @@ class RawImageFile:
     content_hash: str  # hex blake2b(digest_size=16) of the bytes
 
 
-def read_image_file(path: Path) -> RawImageFile:
-    """Read (without following a swapped-in symlink) and hash a file whose extension is an image's."""
+def read_image_file(path: Path, roots: Sequence[Path] | None = None) -> RawImageFile:
+    """Read (without following a swapped-in symlink) and hash a file whose extension is an image's.
+    With `roots` (the allowed folders), `path` must be a real path inside one of them, and no
+    folder between that root and the file may have become a symlink since it was checked."""
     path = Path(path)
     formats = IMAGE_FORMATS_BY_EXTENSION.get(path.suffix.lower())
     if formats is None:
         raise ImageRejected("unsupported_format", f"extension {path.suffix or '(none)'!r} is not supported")
-    data, st = _read_file(path)
+    data, st = _read_file(path, roots)
     if not data:
         raise ImageRejected("truncated", "file is empty")
     return RawImageFile(
@@ -149,9 +154,9 @@ def read_image_file(path: Path) -> RawImageFile:
     )
 
 
-def load_image(path: Path, *, draft: tuple[int, int] | None = None) -> LoadedImage:
-    """Read and decode one image file; see decode_image for `draft`."""
-    return decode_image(read_image_file(path), draft=draft)
+def load_image(path: Path, *, draft: tuple[int, int] | None = None, roots: Sequence[Path] | None = None) -> LoadedImage:
+    """Read and decode one image file; see read_image_file for `roots`, decode_image for `draft`."""
+    return decode_image(read_image_file(path, roots), draft=draft)
 
 
 def decode_image(raw: RawImageFile, *, draft: tuple[int, int] | None = None) -> LoadedImage:
@@ -208,12 +213,12 @@ def decode_image(raw: RawImageFile, *, draft: tuple[int, int] | None = None) -> 
     )
 
 
-def load_pictures(paths: Sequence[Path]) -> list[Image.Image]:
+def load_pictures(paths: Sequence[Path], roots: Sequence[Path] | None = None) -> list[Image.Image]:
     """The RGB pictures of several files; a bad one raises ImageRejected naming its path."""
     pictures = []
     for path in paths:
         try:
-            pictures.append(load_image(path).image)
+            pictures.append(load_image(path, roots=roots).image)
         except ImageRejected as exc:
             raise ImageRejected(exc.reason, f"{path}: {exc.detail}") from None
     return pictures

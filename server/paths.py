@@ -8,6 +8,7 @@ symlink nor a name like ``/photos2`` can reach outside ``/photos``.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Collection, Iterator, Sequence
@@ -17,6 +18,7 @@ from typing import Literal
 
 ALLOW_ENV = "CLIPLENS_ALLOW"
 MAX_PATH_CHARS = 4096
+MAX_SHOWN_PATH = 1024  # a path sent back to the client is cut here: it is data, not a payload
 
 # Skip reasons reported by walk(); callers can show them to the user.
 SKIP_OUTSIDE = "outside_allowed"
@@ -24,6 +26,53 @@ SKIP_BROKEN = "broken_symlink"
 SKIP_UNREADABLE_DIR = "unreadable_dir"
 SKIP_UNREADABLE = "unreadable"  # an entry whose type could not be read (stat failed)
 SKIP_MAX_FILES = "max_files_reached"
+SKIP_NOT_A_FILE = "not_a_file"  # a FIFO, socket or device under an image's name: never opened
+
+
+def is_utf8(text: str) -> bool:
+    """False for a str holding os.fsdecode's stand-ins for bytes that are not UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def shown(text: str, limit: int) -> str:
+    """Text from disk (a file name) made safe to return as a data field: bytes that are not
+    UTF-8 become \\xNN escapes (JSON cannot carry them), and it is cut to `limit` characters."""
+    if not is_utf8(text):
+        try:
+            text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:  # a surrogate that stands for no byte (not from os.fsdecode)
+            text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def open_beneath(roots: Sequence[Path], path: Path, flags: int) -> int:
+    """Open `path`, a real path inside one of `roots`, without following a symlink anywhere below
+    that root: each folder is opened relative to the one above it with O_NOFOLLOW, then the file.
+
+    Checking a path and then opening it is a race: a folder swapped for a symlink in between
+    would lead the open outside the roots (a checked real path is only true when checked).
+    Opening component by component from the root makes the open itself the check.
+    """
+    root = next((r for r in roots if path == r or path.is_relative_to(r)), None)
+    if root is None:
+        raise PermissionError(errno.EACCES, "outside the allowed folders")
+    parts = path.relative_to(root).parts
+    if not parts or os.open not in os.supports_dir_fd:  # a root itself, or a platform without openat
+        return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0))
+    dir_flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    folder = os.open(root, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        for part in parts[:-1]:
+            inner = os.open(part, dir_flags, dir_fd=folder)
+            os.close(folder)
+            folder = inner
+        return os.open(parts[-1], flags | os.O_NOFOLLOW, dir_fd=folder)
+    finally:
+        os.close(folder)
 
 
 class PathError(ValueError):
@@ -75,7 +124,8 @@ class PathPolicy:
     def resolve(self, raw: str, *, want: Literal["file", "dir", "any"] = "any") -> Path:
         self.require_roots()
         if not isinstance(raw, str) or raw.strip() == "":
-            raise PathError("path is empty; give a file or folder inside: " + self._allowed_list())
+            # Named: among several image paths, the caller must see which one was blank.
+            raise PathError(f"path {raw!r} is empty; give a file or folder inside: " + self._allowed_list())
         if "\x00" in raw:
             raise PathError(f"path {raw!r} contains a NUL byte, which no real path can")
         if len(raw) > MAX_PATH_CHARS:
@@ -129,7 +179,9 @@ class PathPolicy:
             raise PathError(f"{str(top)!r} is not a folder")
 
         seen_dirs: set[tuple[int, int]] = set()
-        seen_files: set[tuple[int, int]] = set()
+        # Files are keyed by real path, not inode: two hard links are two names a user may
+        # search under, while a symlink and its target share one real path.
+        seen_files: set[Path] = set()
         count = 0
         top_st = top_real.stat()
         seen_dirs.add((top_st.st_dev, top_st.st_ino))
@@ -181,17 +233,19 @@ class PathPolicy:
                 else:
                     stack.append(iter(listing))
             elif stat.S_ISREG(st.st_mode):
-                if path.suffix.lower() not in exts or key in seen_files:
+                if path.suffix.lower() not in exts or path in seen_files:
                     continue
                 if max_files is not None and count >= max_files:
                     # Only reported when a further file exists, so the caller knows the
                     # result was actually cut short.
                     yield WalkItem(top_real, SKIP_MAX_FILES, f"stopped after {max_files} files")
                     return
-                seen_files.add(key)
+                seen_files.add(path)
                 count += 1
                 yield WalkItem(path, stat=st)
-            # sockets, FIFOs, devices: ignored silently (never opened)
+            elif path.suffix.lower() in exts:
+                # Reported, never opened: opening a FIFO blocks, and a device can be endless.
+                yield WalkItem(link, SKIP_NOT_A_FILE, f"a {_file_type(st.st_mode)}, not a regular file")
 
     def _follow_link(self, link: Path, exts: frozenset[str]) -> Path | WalkItem | None:
         """Resolve a symlink found while walking; a WalkItem means 'report and skip', None 'ignore'."""
@@ -210,6 +264,13 @@ class PathPolicy:
                 return WalkItem(link, SKIP_OUTSIDE, "symlink points outside the allowed folders")
             return None
         return target
+
+
+def _file_type(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device")):
+        if test(mode):
+            return name
+    return "block device" if stat.S_ISBLK(mode) else "special file"
 
 
 def _list_dir(path: Path) -> list[os.DirEntry[str]] | WalkItem:

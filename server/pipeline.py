@@ -62,9 +62,9 @@ def default_workers(device_type: str) -> int:
     return max(2, cores if device_type == "cuda" else min(cores, 8))
 
 
-def _read(path: Path) -> RawImageFile | Prepared:
+def _read(path: Path, roots: Sequence[Path] | None) -> RawImageFile | Prepared:
     try:
-        return read_image_file(path)
+        return read_image_file(path, roots)
     except ImageRejected as exc:
         return Prepared(path, skip=(exc.reason, exc.detail))
 
@@ -155,6 +155,7 @@ class IndexPipeline:
         workers: int | None = None,
         batch_size: int | None = None,
         prefetch: int = PREFETCH_BATCHES,
+        roots: Sequence[Path] | None = None,
     ) -> None:
         if workers is not None and not 1 <= workers <= 256:
             raise ValueError(f"workers must be 1 to 256, not {workers}")
@@ -162,6 +163,7 @@ class IndexPipeline:
             raise ValueError(f"batch_size must be 1 to 4096, not {batch_size}")
         self.encoder = encoder
         self.store = store
+        self.roots = roots  # the allowed folders: files are opened beneath them, never through a link
         self.workers = workers or default_workers(encoder.device.type)
         self.batch_size = batch_size or encoder.batch_size
         self.prefetch = max(1, prefetch)
@@ -230,7 +232,7 @@ class IndexPipeline:
                 if stop.is_set():
                     return
                 batch = paths[start : start + self.batch_size]
-                reads = [r.result() for r in [pool.submit(_read, p) for p in batch]]
+                reads = [r.result() for r in [pool.submit(_read, p, self.roots) for p in batch]]
                 raws = [r for r in reads if isinstance(r, RawImageFile)]
                 known = self.store.embeddings_by_hash([r.content_hash for r in raws])
                 items: list[Future[Prepared] | Prepared] = []

@@ -18,6 +18,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+# Beyond this many crop-widths (aspect 16:1), resizing by the short side makes pixels the crop
+# mostly throws away: those images take a cheaper, slightly inexact path.
+EXTREME_ASPECT = 16
 # Pillow's resampling filters by the numbers that processor configs store.
 _RESAMPLE = {int(f): f for f in Image.Resampling}
 
@@ -110,6 +113,8 @@ class FastPreprocessor:
         if image.mode != "RGB":
             image = image.convert("RGB")
         target = self.resized_size(*image.size)
+        if self.crop is not None and max(target) > EXTREME_ASPECT * max(self.crop):
+            return self._normalise(np.asarray(self._resize_crop_window(image, target)))
         if image.size != target:
             image = image.resize(target, resample=self.resample)
         arr = np.asarray(image)  # (H, W, 3) uint8
@@ -118,6 +123,20 @@ class FastPreprocessor:
             h, w = arr.shape[:2]
             top, left = (h - ch) // 2, (w - cw) // 2
             arr = arr[top : top + ch, left : left + cw]
+        return self._normalise(arr)
+
+    def _resize_crop_window(self, image: Image.Image, target: tuple[int, int]) -> Image.Image:
+        # A 1x20000 sliver resized by its short side would be 224 x 4,480,000 pixels (3 GB)
+        # only to keep its centre: resample just the source window that lands in the crop.
+        assert self.crop is not None
+        cw, ch = self.crop
+        tw, th = target
+        left, top = (tw - cw) // 2, (th - ch) // 2
+        sx, sy = image.width / tw, image.height / th
+        box = (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
+        return image.resize((cw, ch), resample=self.resample, box=box)
+
+    def _normalise(self, arr: np.ndarray) -> np.ndarray:
         # Channels first while still uint8, then scale whole planes: broadcasting over a last
         # axis of length 3 is more than twice as slow.
         out = np.ascontiguousarray(arr.transpose(2, 0, 1)).astype(np.float32)  # (3, H, W)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from cliplens.server.paths import PathError, PathPolicy, WalkItem
+from cliplens.server.paths import PathError, PathPolicy, WalkItem, open_beneath, shown
 
 EXTS = {".jpg", ".png"}
 
@@ -258,3 +258,54 @@ def test_walk_unreadable_dir_simulated(tree: dict[str, Path], monkeypatch: pytes
     assert [p.name for p in files(items)] == ["a.jpg", "y.jpg"]
     assert skips(items) == {"locked": "unreadable_dir"}
     assert next(i for i in items if i.skip_reason).detail == "Permission denied"
+
+
+# --- opening beneath a root and showing names ---------------------------------
+
+
+def test_open_beneath_refuses_a_folder_swapped_for_a_link(tree: dict[str, Path]) -> None:
+    root = tree["photos"].resolve()
+    (root / "sub").mkdir()
+    (root / "sub" / "x.jpg").write_bytes(b"inside")
+    fd = open_beneath([root], root / "sub" / "x.jpg", os.O_RDONLY)
+    with os.fdopen(fd, "rb") as fh:
+        assert fh.read() == b"inside"
+    (tree["outside"] / "x.jpg").write_bytes(b"secret")
+    (root / "sub").rename(root / "moved")
+    (root / "sub").symlink_to(tree["outside"])  # the checked path now leads outside
+    with pytest.raises(OSError):
+        open_beneath([root], root / "sub" / "x.jpg", os.O_RDONLY)
+    (root / "file_link.jpg").symlink_to(tree["outside"] / "x.jpg")
+    with pytest.raises(OSError):
+        open_beneath([root], root / "file_link.jpg", os.O_RDONLY)
+    with pytest.raises(PermissionError):
+        open_beneath([root], tree["outside"] / "x.jpg", os.O_RDONLY)
+
+
+def test_walk_reports_fifos_and_sockets_under_image_names(tree: dict[str, Path]) -> None:
+    import socket
+
+    root = tree["photos"]
+    os.mkfifo(root / "pipe.jpg")
+    os.mkfifo(root / "pipe.txt")  # not an image name: not worth a report
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(root / "sock.png"))
+    items = list(PathPolicy([root]).walk(root, extensions=EXTS))
+    assert skips(items) == {"pipe.jpg": "not_a_file", "sock.png": "not_a_file"}
+    assert {i.detail for i in items if i.skip_reason} == {"a FIFO, not a regular file", "a socket, not a regular file"}
+
+
+def test_hard_links_are_two_names_and_a_symlink_is_one(tree: dict[str, Path]) -> None:
+    root = tree["photos"]
+    os.link(root / "a.jpg", root / "b.jpg")
+    (root / "c.jpg").symlink_to(root / "a.jpg")
+    got = sorted(p.name for p in files(list(PathPolicy([root]).walk(root, extensions=EXTS))))
+    assert got == ["a.jpg", "b.jpg"]
+
+
+def test_shown_escapes_undecodable_bytes_and_caps_length() -> None:
+    latin1 = os.fsdecode(b"/photos/caf\xe9.png")
+    assert shown(latin1, 100) == "/photos/caf\\xe9.png"
+    assert shown("\ud800x", 100) == "\\ud800x"  # a surrogate that stands for no byte
+    assert shown("é" * 10, 5) == "éééé…"
+    assert shown("fine.png", 100) == "fine.png"

@@ -16,6 +16,7 @@ from cliplens.server.config import Settings
 from cliplens.server.encoder import load_encoder, pick_precision
 from cliplens.server.images import load_image
 from cliplens.server.paths import PathPolicy
+from cliplens.server.preprocess import FastPreprocessor
 from cliplens.server.store import HNSW_EF_SEARCH, ImageStore, open_client
 from cliplens.server.tinymodel import build_tiny_model
 from cliplens.tools.index_folder import IndexFolderInput, index_folder
@@ -274,3 +275,27 @@ def test_cpu_gate_never_lets_decoding_run_during_the_model() -> None:
     open_gate = CpuGate(enabled=False)
     with open_gate.model(), open_gate.decoding():
         pass
+
+
+def test_a_sliver_is_cropped_before_it_is_resized(toy_fp32) -> None:
+    # 1x20000 resized by its short side to 224 would be 224 x 4,480,000 pixels (3 GB) to keep
+    # a 224x224 centre: only the window that lands in the crop may be resampled.
+    import tracemalloc
+
+    from transformers import CLIPImageProcessor
+
+    fast = FastPreprocessor.for_processor(CLIPImageProcessor())
+    assert fast is not None and fast.crop == (224, 224)
+    rng = np.random.default_rng(3)
+    for w, h in ((1, 20000), (20000, 1), (3, 60000)):
+        sliver = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+        tracemalloc.start()
+        out = fast(sliver)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert out.shape == (3, 224, 224) and np.isfinite(out).all()
+        assert peak < 16 * 1024 * 1024, peak
+    # Below the extreme-aspect threshold the exact path (equal to the processor) still runs.
+    panorama = Image.fromarray(rng.integers(0, 255, (100, 1000, 3), dtype=np.uint8))
+    ref = CLIPImageProcessor()(images=[panorama], return_tensors="np")["pixel_values"][0]
+    assert np.abs(fast(panorama) - ref).max() < 1e-5

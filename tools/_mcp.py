@@ -17,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 from ..server.app import AppContext
 from ..server.encoder import ModelLoadError
 from ..server.images import ImageRejected
+from ..server.paths import is_utf8, shown
 from ..server.store import StoreError
 
 T = TypeVar("T")
@@ -62,8 +63,21 @@ def tool_result(output: BaseModel, images: Sequence[ContentBlock] = ()) -> CallT
     return CallToolResult(content=[text, *images], structured_content=output.model_dump(mode="json"))
 
 
+def _reject_unpaired_surrogates(name: str, value: Any) -> None:
+    # JSON can spell a lone surrogate ("\\udce9"); such text is not Unicode, cannot be
+    # tokenised or written back out as JSON, and could smuggle undecodable bytes into a path.
+    if isinstance(value, str):
+        if not is_utf8(value):
+            raise ToolError(f"{name} {shown(value, 80)!r} holds an unpaired surrogate, which is not valid Unicode text")
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _reject_unpaired_surrogates(name, item)
+
+
 def parse(model: type[M], **fields: Any) -> M:
     """Build a tool's input model; a rule it breaks comes back as a ToolError naming the value."""
+    for name, value in fields.items():
+        _reject_unpaired_surrogates(name, value)
     try:
         return model(**fields)
     except ValidationError as exc:

@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from ..server.encoder import ClipEncoder, ProbabilityKind
 from ..server.images import load_pictures
-from ..server.paths import PathPolicy
+from ..server.paths import MAX_SHOWN_PATH, PathPolicy, shown
 from ..server.render import heatmap_png
 from ._mcp import engine, image_block, parse, run_core, tool_result
 
@@ -146,13 +146,13 @@ def _rounded(t: torch.Tensor) -> Matrix:
 
 def explain_similarity_matrix(encoder: ClipEncoder, policy: PathPolicy, request: ExplainInput) -> ExplainResult:
     paths = [policy.resolve(raw, want="file") for raw in request.images]
-    image_vecs = encoder.embed_images(load_pictures(paths))  # (N, D)
+    image_vecs = encoder.embed_images(load_pictures(paths, policy.roots))  # (N, D)
     text_vecs = encoder.embed_texts(request.captions)  # (N, D)
     lesson = similarity_lesson(image_vecs, text_vecs, encoder.logit_scale, encoder.logit_bias, encoder.probability)
     return ExplainResult(
         n=len(paths),
         captions=request.captions,
-        images=[str(p) for p in paths],
+        images=[shown(str(p), MAX_SHOWN_PATH) for p in paths],
         cosine=_rounded(lesson.cosine),
         logit_scale=encoder.logit_scale,
         logit_bias=encoder.logit_bias,

@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 from ..server.encoder import ClipEncoder
 from ..server.images import IMAGE_EXTENSIONS
 from ..server.jobs import JobRequest, JobStatus
-from ..server.paths import PathPolicy
+from ..server.paths import PathPolicy, is_utf8, shown
 from ..server.pipeline import BatchDone, IndexPipeline
 from ..server.store import ImageStore, StoredImage
 from ._mcp import check_cancelled, engine, parse, progress_reporter, run_core, tool_result
@@ -29,7 +29,7 @@ FolderPath = Annotated[str, Field(min_length=1, max_length=4096, description="Fo
 
 
 def _cap(text: str) -> str:
-    return text if len(text) <= MAX_TEXT else text[: MAX_TEXT - 1] + "…"
+    return shown(text, MAX_TEXT)
 
 
 class IndexFolderInput(BaseModel):
@@ -113,7 +113,7 @@ def index_folder(
     started = time.perf_counter()
     folder = policy.resolve(request.path, want="dir")
     store.require_writable()
-    pipeline = IndexPipeline(encoder, store, batch_size=batch_size, workers=workers)
+    pipeline = IndexPipeline(encoder, store, batch_size=batch_size, workers=workers, roots=policy.roots)
     # What the store knows and what the disk holds are independent: read both at once
     # (Chroma's reader releases the GIL), which nearly halves an unchanged re-index.
     with ThreadPoolExecutor(1, thread_name_prefix="cliplens-known") as reader:
@@ -127,7 +127,13 @@ def index_folder(
             if item.skip_reason or item.stat is None:
                 skips.add(item.path, item.skip_reason or "unreadable", item.detail)
                 continue
-            on_disk[str(item.path)] = item.stat
+            key = str(item.path)
+            if not is_utf8(key):
+                # The store keeps paths as UTF-8 text (and so does JSON): a name in another
+                # encoding cannot be stored or shown faithfully, so it is skipped, named.
+                skips.add(item.path, "bad_name", "the file name is not valid UTF-8; rename the file to index it")
+                continue
+            on_disk[key] = item.stat
         known = known_future.result()
     todo = [Path(key) for key, st in on_disk.items() if key in known and not _unchanged(known[key], st)]
     # A link inside the folder may lead to a file elsewhere in the allowed folders: its

@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from ..server.encoder import ClipEncoder
 from ..server.images import ImageRejected, load_image, thumbnail_jpeg
-from ..server.paths import PathPolicy
+from ..server.paths import PathPolicy, shown
 from ..server.store import ImageStore
 from ._mcp import engine, image_block, parse, run_core, tool_result
 
@@ -67,7 +67,7 @@ def search_images(
     found = store.query(vector, request.top_k, folders)
     hits = [
         Hit(
-            path=stored.path[:MAX_PATH_CHARS],
+            path=shown(stored.path, MAX_PATH_CHARS),
             score=round(score, 6),
             rank=rank,
             width=stored.width,
@@ -89,7 +89,7 @@ def search_images(
         query=request.query,
         model=encoder.info.model_id,
         hits=hits,
-        searched=[str(f) for f in folders],
+        searched=[shown(str(f), MAX_PATH_CHARS) for f in folders],
         indexed_total=total,
         hint=hint,
     )
@@ -101,7 +101,7 @@ def render_thumbnails(result: SearchImagesResult, policy: PathPolicy) -> list[by
     for hit in result.hits:
         try:
             path = policy.resolve(hit.path, want="file")
-            out.append(thumbnail_jpeg(load_image(path).image))
+            out.append(thumbnail_jpeg(load_image(path, roots=policy.roots).image))
         except (ImageRejected, ValueError, OSError):
             continue
     return out

@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field, field_validator
 from ..prompts import default_templates
 from ..server.encoder import ClipEncoder, ProbabilityKind
 from ..server.images import load_pictures
-from ..server.paths import PathPolicy
+from ..server.paths import MAX_SHOWN_PATH, PathPolicy, shown
 from ._mcp import engine, parse, run_core, tool_result
 
 MAX_IMAGES = 32
@@ -100,13 +100,13 @@ def probabilities(cosines: np.ndarray, scale: float, bias: float | None, kind: P
 def zero_shot_classify(encoder: ClipEncoder, policy: PathPolicy, request: ZeroShotInput) -> ZeroShotResult:
     templates = request.templates or default_templates()
     paths = [policy.resolve(raw, want="file") for raw in request.images]
-    image_vecs = encoder.embed_images(load_pictures(paths))  # (N, D)
+    image_vecs = encoder.embed_images(load_pictures(paths, policy.roots))  # (N, D)
     class_vecs = class_embeddings(encoder, request.labels, templates)  # (L, D)
     cosines = image_vecs.astype(np.float64) @ class_vecs.T.astype(np.float64)  # (N, L)
     probs = probabilities(cosines, encoder.logit_scale, encoder.logit_bias, encoder.probability)
     results = [
         ImageClassification(
-            image=str(path),
+            image=shown(str(path), MAX_SHOWN_PATH),
             probabilities={label: round(float(p), 6) for label, p in zip(request.labels, row_p, strict=True)},
             top_label=request.labels[int(np.argmax(row_c))],
             cosines={label: round(float(c), 6) for label, c in zip(request.labels, row_c, strict=True)},
