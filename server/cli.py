@@ -58,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--token", help="bearer token required by HTTP clients (env CLIPLENS_HTTP_TOKEN)")
     serve.add_argument("--allowed-host", action="append", default=[], help="extra Host header value to accept")
     serve.add_argument("--no-thumbnails", action="store_true", help="never attach thumbnails to search results")
+    serve.add_argument(
+        "--call-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="longest a foreground index_folder call runs before stopping between batches "
+        "(env CLIPLENS_CALL_TIMEOUT, default 900)",
+    )
 
     index = sub.add_parser("index", help="index a folder")
     _common(index)
@@ -102,6 +109,7 @@ def _settings(args: argparse.Namespace, *, default_allow: Sequence[Path]) -> Set
         db_dir=args.db,
         chroma_url=args.chroma_url,
         allow=args.allow,
+        call_timeout=getattr(args, "call_timeout", None),
     )
     if not settings.allow:
         # The shell user already has their own rights; only the server needs --allow.

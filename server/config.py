@@ -17,6 +17,11 @@ def default_db_dir() -> Path:
     return Path(platformdirs.user_data_dir("cliplens", appauthor=False)) / "store"
 
 
+# MCP clients give up on a silent call after a minute or so; progress keeps most of them
+# waiting, but an unbounded call still ties up a client. Background jobs have no limit.
+DEFAULT_CALL_TIMEOUT = 900.0
+
+
 class Settings(BaseModel):
     model: str = Field(default=DEFAULT_MODEL, description="Hub id or local folder of a CLIP-family checkpoint")
     device: str = Field(default="auto", description=f"One of {', '.join(DEVICES)}")
@@ -28,6 +33,12 @@ class Settings(BaseModel):
     chroma_url: str | None = Field(default=None, description="A Chroma server URL instead of the embedded store")
     allow: list[Path] = Field(default_factory=list, description="Folders the server may read")
     thumbnails: bool = Field(default=True, description="Attach JPEG thumbnails to search results")
+    call_timeout: float = Field(
+        default=DEFAULT_CALL_TIMEOUT,
+        gt=0,
+        le=24 * 3600,
+        description="Seconds a foreground index_folder call may run; it then stops between batches, keeping them",
+    )
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
@@ -41,6 +52,8 @@ class Settings(BaseModel):
             env["precision"] = precision
         if db := os.environ.get("CLIPLENS_DB"):
             env["db_dir"] = Path(db)
+        if timeout := os.environ.get("CLIPLENS_CALL_TIMEOUT"):
+            env["call_timeout"] = timeout
         if url := os.environ.get("CLIPLENS_CHROMA_URL"):
             env["chroma_url"] = url
         if allow := os.environ.get(ENV_ALLOW):

@@ -298,12 +298,25 @@ class ImageStore:
         return hits[:k]
 
     def _nearest(self, vector: np.ndarray, n: int, where: dict[str, Any] | None) -> list[tuple[StoredImage, float]]:
-        got = self._collection.query(  # type: ignore[union-attr]
-            query_embeddings=[vector],
-            n_results=n,
-            where_document=where,
-            include=["documents", "metadatas", "distances"],
-        )
+        try:
+            got = self._collection.query(  # type: ignore[union-attr]
+                query_embeddings=[vector],
+                n_results=n,
+                where_document=where,
+                include=["documents", "metadatas", "distances"],
+            )
+        except Exception as exc:  # chromadb's InternalError; its type moves between releases
+            if not self.read_only:
+                raise
+            # The owner keeps new vectors in memory and writes the index to disk in batches
+            # (every 1000 records, and when it closes): until then this process sees records
+            # in SQLite that have no vectors on disk, and Chroma cannot answer.
+            holder = self.lock.holder() if self.lock else "another process"
+            raise StoreError(
+                f"the store at {self.location} is being written by another cliplens process ({holder}), which "
+                f"has not saved its vector index to disk yet ({str(exc)[:120]}); search from that process, "
+                "or again once it has finished indexing"
+            ) from exc
         hits = []
         for doc, meta, dist in zip(got["documents"][0], got["metadatas"][0], got["distances"][0], strict=True):
             # Chroma's cosine space stores 1 - cosine.

@@ -9,7 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Literal
 
+import anyio
 from mcp.server.mcpserver import Context
+from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import CallToolResult, ToolAnnotations
 from pydantic import BaseModel, Field
 
@@ -221,15 +223,25 @@ async def handle(
             job=job,
         )
         return tool_result(started)
-    result = await run_core(
-        index_folder,
-        app.encoder,
-        app.store,
-        app.policy,
-        request,
-        progress=progress_reporter(ctx),
-        cancelled=check_cancelled,
-    )
+    limit = app.settings.call_timeout
+    try:
+        # On timeout the worker's next check_cancelled raises between batches, so what was
+        # embedded is written before the call ends.
+        with anyio.fail_after(limit):
+            result = await run_core(
+                index_folder,
+                app.encoder,
+                app.store,
+                app.policy,
+                request,
+                progress=progress_reporter(ctx),
+                cancelled=check_cancelled,
+            )
+    except TimeoutError:
+        raise ToolError(
+            f"index_folder stopped at the {limit:g} s limit of one call (--call-timeout); the images embedded "
+            "so far are stored. Call it again to go on, or pass background=true for a folder this large."
+        ) from None
     return tool_result(result)
 
 
