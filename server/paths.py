@@ -150,7 +150,8 @@ class PathPolicy:
             raise PathError(f"path {raw!r} cannot be resolved: {exc.strerror or exc}") from None
         if not self.contains(real):
             raise PathError(
-                f"path {raw!r} (resolves to {str(real)!r}) is outside the allowed folders: " + self._allowed_list()
+                # The link's target is not named: it lies outside what the client may see.
+                f"path {raw!r} leads outside the allowed folders: " + self._allowed_list()
             )
         if want == "file" and not real.is_file():
             raise PathError(f"path {raw!r} is not a regular file")

@@ -87,7 +87,9 @@ class ZeroShotResult(BaseModel):
 
 def class_embeddings(encoder: ClipEncoder, labels: list[str], templates: list[str]) -> np.ndarray:
     """(L, D): each label's template embeddings averaged, then re-normalised."""
-    return encoder.embed_ensembles([[t.format(label) for t in templates] for label in labels])
+    # replace, not str.format: a template is caller text, and format would parse its other
+    # braces ("{x}" raises KeyError, "{0:>99999999}" pads to 100 MB, "{0.__class__}" reads attributes).
+    return encoder.embed_ensembles([[t.replace("{}", label) for t in templates] for label in labels])
 
 
 def probabilities(cosines: np.ndarray, scale: float, bias: float | None, kind: ProbabilityKind) -> np.ndarray:
