@@ -176,6 +176,7 @@ def decode_image(raw: RawImageFile, *, draft: tuple[int, int] | None = None) -> 
             with Image.open(io.BytesIO(raw.data), formats=formats) as opened:
                 fmt = opened.format or formats[0]
                 full_size = opened.size
+                _check_jpeg_has_data_for(fmt, full_size, len(raw.data))
                 opened.seek(0)  # first frame of animations
                 if draft is not None and fmt == "JPEG":
                     opened.draft(None, draft)
@@ -185,6 +186,8 @@ def decode_image(raw: RawImageFile, *, draft: tuple[int, int] | None = None) -> 
                 rgb = to_rgb(rotated)
                 if rgb is opened:
                     rgb = rgb.copy()  # detach from the file object being closed
+    except ImageRejected:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageRejected("too_large", str(exc)[:200]) from None
     except UnidentifiedImageError:
@@ -211,6 +214,21 @@ def decode_image(raw: RawImageFile, *, draft: tuple[int, int] | None = None) -> 
         mtime_ns=raw.mtime_ns,
         content_hash=raw.content_hash,
     )
+
+
+# Even a flat grey JPEG spends a few bits on every 8x8 block (about 1/170 byte per pixel at
+# 4:2:0); far fewer bytes than this per pixel cannot be a complete image.
+MIN_JPEG_BYTES_PER_MEGAPIXEL = 256
+
+
+def _check_jpeg_has_data_for(fmt: str, size: tuple[int, int], n_bytes: int) -> None:
+    # libjpeg pads a scan that ends early with grey and calls it decoded: a 780-byte file whose
+    # header claims 9000x9000 would cost 243 MB of grey pixels, and be indexed as a picture.
+    megapixels = size[0] * size[1] / 1e6
+    if fmt in ("JPEG", "MPO") and n_bytes < megapixels * MIN_JPEG_BYTES_PER_MEGAPIXEL:
+        raise ImageRejected(
+            "truncated", f"{n_bytes} bytes cannot hold the {size[0]}x{size[1]} pixels its header claims"
+        )
 
 
 def load_pictures(paths: Sequence[Path], roots: Sequence[Path] | None = None) -> list[Image.Image]:

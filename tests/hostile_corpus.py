@@ -153,6 +153,9 @@ def build(root: Path, outside: Path) -> list[Entry]:
     png[33 + 8 + 10] ^= 0xFF  # a byte inside the first IDAT: its CRC no longer matches
     put("png with a bad chunk CRC", "bad_crc.png", bytes(png), "corrupt")
     put("jpeg with garbage after EOI", "trailing.jpg", jpeg + random.Random(9).randbytes(512), INDEXED)
+    claims = bytearray(encoded(noisy(16, 16, 35), "JPEG"))
+    struct.pack_into(">HH", claims, claims.index(b"\xff\xc0") + 5, 9000, 9000)  # SOF0 height, width
+    put("780-byte jpeg claiming 9000x9000", "claims_big.jpg", bytes(claims), "truncated")
     with open(root / "sparse_huge.jpg", "wb") as fh:  # 300 MB on paper, no blocks on disk
         fh.truncate(300 * 1024 * 1024)
     entries.append(Entry("sparse 300 MB file", "sparse_huge.jpg", "too_large"))

@@ -332,3 +332,26 @@ def test_thumbnail_from_rgba() -> None:
     with Image.open(io.BytesIO(data)) as thumb:
         assert thumb.size == (64, 64)
         assert thumb.convert("RGB").getpixel((32, 32)) == (255, 255, 255)
+
+
+def test_a_jpeg_too_small_for_the_size_it_claims_is_truncated(tmp_path: Path) -> None:
+    # libjpeg fills a scan that ends early with grey and reports success: without the check this
+    # 780-byte file decodes to 243 MB of grey "picture".
+    data = bytearray(encoded_jpeg(noisy_rgb(16, 16)))
+    sof = data.index(b"\xff\xc0")
+    struct.pack_into(">HH", data, sof + 5, 9000, 9000)
+    path = tmp_path / "claims_big.jpg"
+    path.write_bytes(bytes(data))
+    rejection = rejected(path)
+    assert rejection.reason == "truncated" and "9000x9000" in rejection.detail
+    # A real flat-grey JPEG, the most compressible kind, is far above the floor.
+    flat = tmp_path / "flat.jpg"
+    Image.new("RGB", (3000, 2000), (128, 128, 128)).save(flat, quality=10)
+    assert load_image(flat).width == 3000
+    assert flat.stat().st_size > 6 * images.MIN_JPEG_BYTES_PER_MEGAPIXEL * 3
+
+
+def encoded_jpeg(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG")
+    return buf.getvalue()
