@@ -16,6 +16,7 @@ from .encoder import ClipEncoder, load_encoder
 from .jobs import Cancelled, JobManager, JobRequest, Progress, journal_dir
 from .lock import StoreLock
 from .paths import PathPolicy
+from .rebuild import Rebuild
 from .store import ImageStore, open_client
 
 log = logging.getLogger(__name__)
@@ -56,8 +57,13 @@ def open_engine(settings: Settings, *, resume_jobs: bool = True) -> Iterator[App
         if not lock.acquire():
             log.warning("store %s is locked by %s: opening it read-only", folder, lock.holder())
     try:
-        client = open_client(None if settings.chroma_url else settings.store_dir(), settings.chroma_url)
-        store = ImageStore(client, encoder.info, location=location, lock=lock)
+        db_dir = None if settings.chroma_url else settings.store_dir()
+        client = open_client(db_dir, settings.chroma_url)
+        store = ImageStore(client, encoder.info, location=location, lock=lock, db_dir=db_dir)
+        # A damaged index is emptied before the jobs open: resumed jobs must not write into it.
+        rebuild = Rebuild(store, db_dir) if db_dir is not None else None
+        if rebuild is not None:
+            rebuild.prepare()
 
         def run_index(request: JobRequest, progress: Progress, cancelled: Cancelled) -> BaseModel:
             from ..tools.index_folder import IndexFolderInput, index_folder  # tools/ imports this module
@@ -65,14 +71,22 @@ def open_engine(settings: Settings, *, resume_jobs: bool = True) -> Iterator[App
             job = IndexFolderInput(path=request.path, recursive=request.recursive, prune=request.prune)
             return index_folder(encoder, store, policy, job, progress=progress, cancelled=cancelled)
 
+        run = rebuild.tracked(run_index) if rebuild is not None else run_index
+
+        def index_now(folder: str) -> BaseModel:
+            return run(JobRequest(path=folder, recursive=False, prune=False), lambda d, t, m: None, lambda: None)
+
         jobs = JobManager(
             journal_dir(settings.store_dir(), settings.chroma_url),
-            run_index,
+            run,
             model=encoder.info.model_id,
             require_writable=store.require_writable,
             resume=resume_jobs,
         )
         try:
+            if rebuild is not None:
+                # A one-shot command would stop background jobs at once: it re-indexes first.
+                rebuild.start(jobs, None if resume_jobs else index_now)
             yield AppContext(settings=settings, encoder=encoder, store=store, policy=policy, jobs=jobs)
         finally:
             jobs.close()

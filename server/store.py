@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from . import health
 from .encoder import PREPROCESSING_VERSION, ModelInfo
 from .lock import StoreLock
 
@@ -35,6 +37,8 @@ HNSW_MAX_NEIGHBORS = 24
 # An unfiltered query for this many times top_k, filtered by folder here, is far cheaper
 # than Chroma's regex pre-filter over every path; the filtered query is the fallback.
 OVERFETCH = 4
+# What a rebuild carries over from the collection it replaces (tests lower sync_threshold).
+_KEPT_HNSW = ("space", "ef_search", "ef_construction", "max_neighbors", "resize_factor", "sync_threshold")
 # Rust's regex crate (Chroma's $regex) treats these as meta characters.
 _REGEX_META = set("\\.+*?()|[]{}^$#&-~")
 
@@ -106,39 +110,40 @@ def open_client(db_dir: Path | None, chroma_url: str | None) -> Any:
 
 
 class ImageStore:
-    """Records of one model's embeddings. `read_only` refuses writes with a clear error."""
+    """Records of one model's embeddings. `read_only` refuses writes with a clear error.
 
-    def __init__(self, client: Any, info: ModelInfo, *, location: str, lock: StoreLock | None = None) -> None:
+    With `db_dir` (the embedded store's folder) the vector index's files are checked when the
+    store opens (see health.py); `damage` then says what is wrong, and searches refuse to run
+    until the writer has rebuilt the index (rebuild.py), rather than answer wrongly.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        info: ModelInfo,
+        *,
+        location: str,
+        lock: StoreLock | None = None,
+        db_dir: Path | None = None,
+    ) -> None:
         self.client = client
         self.info = info
         self.location = location
         self.lock = lock
+        self.db_dir = db_dir
         self.read_only = lock is not None and not lock.held
         self.max_batch = int(client.get_max_batch_size())
         self._counted: tuple[float, int] | None = None  # (monotonic time, count)
+        self.damage: str | None = None
+        # Set by the rebuild (rebuild.py): what a search should tell while one runs.
+        self.rebuild_note: Callable[[], str | None] = lambda: None
         name = collection_name(info)
-        metadata = {
-            "model": info.model_id,
-            "model_type": info.model_type,
-            "dim": info.dim,
-            "fingerprint": info.fingerprint,
-            "preprocessing_version": PREPROCESSING_VERSION,
-            "schema_version": SCHEMA_VERSION,
-        }
         if self.read_only:
             # A read-only process must not create anything in a store that another owns.
             existing = {c.name for c in client.list_collections()}
             self._collection = client.get_collection(name, embedding_function=None) if name in existing else None
         else:
-            hnsw = {
-                "space": "cosine",
-                "ef_search": HNSW_EF_SEARCH,
-                "ef_construction": HNSW_EF_CONSTRUCTION,
-                "max_neighbors": HNSW_MAX_NEIGHBORS,
-            }
-            self._collection = client.get_or_create_collection(
-                name, metadata=metadata, configuration={"hnsw": hnsw}, embedding_function=None
-            )
+            self._collection = self._create({})
             self._widen_search(HNSW_EF_SEARCH)
         if self._collection is not None:
             stored = self._collection.metadata or {}
@@ -147,6 +152,65 @@ class ImageStore:
                     f"collection {name} in {location} was made by another model "
                     f"({stored.get('model')!r}, dim {stored.get('dim')}); reindex required"
                 )
+            # Before anything loads the index: some damage crashes the process at the first query.
+            self.damage = health.check(
+                self._collection, db_dir=db_dir, dim=info.dim, retries=2 if self.read_only else 0, where=location
+            )
+
+    def _create(self, hnsw: dict[str, Any]) -> Any:
+        metadata = {
+            "model": self.info.model_id,
+            "model_type": self.info.model_type,
+            "dim": self.info.dim,
+            "fingerprint": self.info.fingerprint,
+            "preprocessing_version": PREPROCESSING_VERSION,
+            "schema_version": SCHEMA_VERSION,
+        }
+        config = {
+            "space": "cosine",
+            "ef_search": HNSW_EF_SEARCH,
+            "ef_construction": HNSW_EF_CONSTRUCTION,
+            "max_neighbors": HNSW_MAX_NEIGHBORS,
+            **hnsw,
+        }
+        return self.client.get_or_create_collection(
+            collection_name(self.info), metadata=metadata, configuration={"hnsw": config}, embedding_function=None
+        )
+
+    @property
+    def collection_id(self) -> str | None:
+        return None if self._collection is None else str(self._collection.id)
+
+    def recorded_paths(self) -> list[str]:
+        """Every path the collection records, read from SQLite: Chroma's own reads may fail
+        while the vector index is broken, but the records survive there."""
+        if self.db_dir is None or self.collection_id is None:
+            raise StoreError("only an embedded store can be rebuilt from its records")
+        return health.recorded_paths(self.db_dir, self.collection_id)
+
+    def reset(self) -> None:
+        """Drop the collection, records and vector index, and create it empty again, with
+        the same HNSW settings. The caller has kept what it needs to refill it."""
+        self.require_writable()
+        current = ((self._collection.configuration or {}).get("hnsw") or {}) if self._collection is not None else {}
+        kept = {k: v for k, v in current.items() if k in _KEPT_HNSW and v is not None}
+        old = None
+        if self.db_dir is not None and self.collection_id is not None:
+            old = health.segment_dir(self.db_dir, self.collection_id)
+        try:
+            if self._collection is not None:
+                self.client.delete_collection(collection_name(self.info))
+            self._collection = self._create(kept)
+        except Exception as exc:  # chromadb's own errors; nothing can go on without the collection
+            raise StoreError(
+                f"cannot recreate the damaged collection in {self.location}: {exc}; "
+                "move that store folder away and index again"
+            ) from exc
+        if old is not None:
+            # Chroma 1.5.9 leaves a deleted collection's index folder behind.
+            shutil.rmtree(old, ignore_errors=True)
+        self.damage = None
+        self._counted = None
 
     def _widen_search(self, ef_search: int) -> None:
         # Collections made before this setting existed keep their own ef_search: raise it.
@@ -283,6 +347,13 @@ class ImageStore:
 
     def query(self, vector: np.ndarray, k: int, folders: Sequence[Path]) -> list[tuple[StoredImage, float]]:
         """The `k` nearest stored images under any of `folders`, with their cosine, best first."""
+        if self.damage is not None:
+            holder = self.lock.holder() if self.lock else "another process"
+            raise StoreError(
+                f"the vector index of the store at {self.location} is damaged ({self.damage[:300]}), so a search "
+                f"could answer wrongly. The process that holds the store ({holder}) rebuilds it from the image "
+                "files when it starts: restart it, or stop it and run `cliplens index` on any folder."
+            )
         if self._collection is None or not folders:
             return []
         prefixes = tuple(str(f).rstrip(os.sep) + os.sep for f in folders)

@@ -85,6 +85,8 @@ def search_images(
             if found
             else "Nothing is indexed under these folders yet: call index_folder on one first."
         )
+    if rebuilding := store.rebuild_note():  # results are partial until the rebuild ends
+        hint = rebuilding if hint is None else f"{rebuilding} {hint}"
     return SearchImagesResult(
         query=request.query,
         model=encoder.info.model_id,
