@@ -135,6 +135,15 @@ def damage(folder: Path, what: str, name: str | None) -> None:
         path.write_bytes(bytes(path.stat().st_size))
 
 
+def damage_index(settings: Settings, what: str, name: str | None) -> Path:
+    """Damage the stored index's files as a crash might, between two processes; returns their folder."""
+    with open_engine(settings, resume_jobs=False) as app:
+        folder = segment(app)
+    fresh_process()
+    damage(folder, what, name)
+    return folder
+
+
 @pytest.fixture
 def indexed(settings: Settings, photos: Path) -> Iterator[tuple[Settings, Any]]:
     """A store of 44 images whose HNSW files hold most of them; its records and hits, from
@@ -155,10 +164,7 @@ def test_damaged_index_is_detected_and_rebuilt_from_the_files(
     indexed: tuple[Settings, Any], what: str, name: str | None, caplog: pytest.LogCaptureFixture
 ) -> None:
     settings, before = indexed
-    with open_engine(settings, resume_jobs=False) as app:
-        old = segment(app)
-    fresh_process()
-    damage(old, what, name)
+    old = damage_index(settings, what, name)
     with caplog.at_level(logging.WARNING), open_engine(settings, resume_jobs=False) as app:
         assert "is damaged" in caplog.text and "rebuilding the vector index" in caplog.text
         assert app.store.damage is None and app.store.rebuild_note() is None
@@ -202,10 +208,7 @@ def test_a_read_only_process_reports_the_damage_and_leaves_the_store_alone(
     indexed: tuple[Settings, Any], caplog: pytest.LogCaptureFixture
 ) -> None:
     settings, _ = indexed
-    with open_engine(settings, resume_jobs=False) as app:
-        folder = segment(app)
-    fresh_process()
-    damage(folder, "zero", "data_level0.bin")
+    folder = damage_index(settings, "zero", "data_level0.bin")
     files = {p.name: p.read_bytes() for p in folder.iterdir()}
     holder = StoreLock(settings.store_dir())
     assert holder.acquire()  # another process owns the store
@@ -224,10 +227,7 @@ def test_a_server_rebuilds_in_the_background_and_searches_say_so(
     indexed: tuple[Settings, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings, before = indexed
-    with open_engine(settings, resume_jobs=False) as app:
-        folder = segment(app)
-    fresh_process()
-    damage(folder, "truncate", "index_metadata.pickle")
+    damage_index(settings, "truncate", "index_metadata.pickle")
     release = threading.Event()
     real = ix.index_folder
 
@@ -254,10 +254,7 @@ def test_folders_gone_or_no_longer_allowed_are_given_up_and_the_rebuild_ends(
     indexed: tuple[Settings, Any], caplog: pytest.LogCaptureFixture
 ) -> None:
     settings, before = indexed
-    with open_engine(settings, resume_jobs=False) as app:
-        folder = segment(app)
-    fresh_process()
-    damage(folder, "zero", "data_level0.bin")
+    damage_index(settings, "zero", "data_level0.bin")
     photos = settings.allow[0]
     shutil.rmtree(photos / "sub")
     narrow = settings.model_copy(update={"allow": [photos / "many"]})  # photos/ itself is no longer allowed
