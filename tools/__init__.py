@@ -6,14 +6,28 @@ from typing import Any
 
 from mcp.server.mcpserver import MCPServer
 
-from . import explain_similarity_matrix, index_folder, index_status, search_images, zero_shot_classify
+from . import (
+    compare_prompts,
+    explain_similarity_matrix,
+    find_duplicates,
+    index_folder,
+    index_status,
+    probe_failure_modes,
+    search_images,
+    train_contrastive_demo,
+    zero_shot_classify,
+)
 
 TOOL_MODULES = {
     "index_folder": index_folder,
     "index_status": index_status,
     "search_images": search_images,
+    "find_duplicates": find_duplicates,
     "zero_shot_classify": zero_shot_classify,
+    "compare_prompts": compare_prompts,
     "explain_similarity_matrix": explain_similarity_matrix,
+    "train_contrastive_demo": train_contrastive_demo,
+    "probe_failure_modes": probe_failure_modes,
 }
 
 
