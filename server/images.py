@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 
+from .filters import exif_taken
 from .paths import open_beneath
 
 MAX_FILE_BYTES = 256 * 1024 * 1024
@@ -81,6 +82,7 @@ class LoadedImage:
     size_bytes: int
     mtime_ns: int
     content_hash: str  # hex blake2b(digest_size=16) of the file bytes
+    taken: int | None = None  # EXIF capture date (filters.py's wall-clock seconds), if it has one
 
 
 def _read_file(path: Path, roots: Sequence[Path] | None) -> tuple[bytes, os.stat_result]:
@@ -176,6 +178,7 @@ def decode_image(raw: RawImageFile, *, draft: tuple[int, int] | None = None) -> 
             with Image.open(io.BytesIO(raw.data), formats=formats) as opened:
                 fmt = opened.format or formats[0]
                 full_size = opened.size
+                taken = exif_taken(opened)
                 _check_jpeg_has_data_for(fmt, full_size, len(raw.data))
                 opened.seek(0)  # first frame of animations
                 if draft is not None and fmt == "JPEG":
@@ -213,7 +216,19 @@ def decode_image(raw: RawImageFile, *, draft: tuple[int, int] | None = None) -> 
         size_bytes=raw.size_bytes,
         mtime_ns=raw.mtime_ns,
         content_hash=raw.content_hash,
+        taken=taken,
     )
+
+
+def read_taken(raw: RawImageFile) -> int | None:
+    """The EXIF capture date of a file already read, from its header alone (no decoding)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(raw.data), formats=raw.formats) as opened:
+                return exif_taken(opened)
+    except Exception:  # not readable as its format: the index run reports that, not this
+        return None
 
 
 # Even a flat grey JPEG spends a few bits on every 8x8 block (about 1/170 byte per pixel at

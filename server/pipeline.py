@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +86,16 @@ def _decode_now(raw: RawImageFile, encoder: ClipEncoder) -> Prepared:
     if (st.st_size, st.st_mtime_ns) != (raw.size_bytes, raw.mtime_ns):
         # Rewritten while we read it: the next run sees the settled file.
         return Prepared(path, skip=("changed_during_indexing", ""))
-    stored = StoredImage(str(path), raw.size_bytes, raw.mtime_ns, raw.content_hash, loaded.width, loaded.height)
+    stored = StoredImage(
+        str(path),
+        raw.size_bytes,
+        raw.mtime_ns,
+        raw.content_hash,
+        loaded.width,
+        loaded.height,
+        loaded.taken,
+        "exif" if loaded.taken is not None else "mtime",
+    )
     if encoder.fast is not None:
         return Prepared(path, stored, pixels=encoder.preprocess(loaded.image))
     return Prepared(path, stored, image=loaded.image)
@@ -296,7 +305,10 @@ class IndexPipeline:
 def _reuse(raw: RawImageFile, hit: tuple[StoredImage, np.ndarray]) -> Prepared:
     # Same bytes, so the same pixels and the same embedding; only the path and mtime are new.
     source, vector = hit
-    stored = StoredImage(str(raw.path), raw.size_bytes, raw.mtime_ns, raw.content_hash, source.width, source.height)
+    # The same bytes hold the same EXIF date; a date from the mtime is the new file's own.
+    stored = replace(source, path=str(raw.path), size=raw.size_bytes, mtime_ns=raw.mtime_ns)
+    if source.taken_from != "exif":
+        stored = replace(stored, taken=None, taken_from="mtime")
     return Prepared(raw.path, stored, reused=vector)
 
 

@@ -7,13 +7,12 @@ mtime, content hash and pixel size. Writes are upserts, batched below Chroma's l
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -22,7 +21,9 @@ import numpy as np
 
 from . import health
 from .encoder import PREPROCESSING_VERSION, ModelInfo
+from .filters import Filters, TakenFrom
 from .lock import StoreLock
+from .records import ImageRecord, StoredImage, metadata, path_id, prefix_regex, to_stored
 
 log = logging.getLogger(__name__)
 
@@ -39,52 +40,10 @@ HNSW_MAX_NEIGHBORS = 24
 OVERFETCH = 4
 # What a rebuild carries over from the collection it replaces (tests lower sync_threshold).
 _KEPT_HNSW = ("space", "ef_search", "ef_construction", "max_neighbors", "resize_factor", "sync_threshold")
-# Rust's regex crate (Chroma's $regex) treats these as meta characters.
-_REGEX_META = set("\\.+*?()|[]{}^$#&-~")
 
 
 class StoreError(RuntimeError):
     """The store cannot do what was asked; the message says why and what to do."""
-
-
-@dataclass(frozen=True)
-class StoredImage:
-    path: str
-    size: int
-    mtime_ns: int
-    content_hash: str
-    width: int
-    height: int
-
-
-@dataclass(frozen=True)
-class ImageRecord:
-    image: StoredImage
-    embedding: np.ndarray  # (D,) float32, unit length
-
-
-def path_id(path: str) -> str:
-    return hashlib.blake2b(path.encode("utf-8", "surrogateescape"), digest_size=16).hexdigest()
-
-
-def prefix_regex(folder: Path) -> str:
-    """A regex matching every path strictly under `folder`, component-wise."""
-    text = str(folder)
-    if not text.endswith(os.sep):
-        text += os.sep
-    return "^" + "".join("\\" + ch if ch in _REGEX_META else ch for ch in text)
-
-
-def _to_stored(doc: str, meta: dict[str, Any]) -> StoredImage:
-    return StoredImage(
-        path=doc,
-        size=int(meta["size"]),
-        # Chroma keeps ints as i64: mtime_ns fits.
-        mtime_ns=int(meta["mtime_ns"]),
-        content_hash=str(meta["content_hash"]),
-        width=int(meta["width"]),
-        height=int(meta["height"]),
-    )
 
 
 def collection_name(info: ModelInfo) -> str:
@@ -262,7 +221,7 @@ class ImageStore:
             docs = got["documents"] or []
             for doc, meta in zip(docs, got["metadatas"] or [], strict=True):
                 if recursive or Path(doc).parent == folder:
-                    found[doc] = _to_stored(doc, dict(meta))
+                    found[doc] = to_stored(doc, dict(meta))
             if len(docs) < page:
                 return found
             offset += page
@@ -275,7 +234,7 @@ class ImageStore:
         for batch in self._batches(list(paths)):
             got = self._collection.get(ids=[path_id(p) for p in batch], include=["documents", "metadatas"])
             for doc, meta in zip(got["documents"] or [], got["metadatas"] or [], strict=True):
-                found[doc] = _to_stored(doc, dict(meta))
+                found[doc] = to_stored(doc, dict(meta))
         return found
 
     def embeddings_by_hash(self, hashes: Sequence[str]) -> dict[str, tuple[StoredImage, np.ndarray]]:
@@ -293,7 +252,7 @@ class ImageStore:
         for batch in self._batches(unique):
             got = self._collection.get(where={"content_hash": {"$in": list(batch)}}, include=["documents", "metadatas"])
             for doc, meta in zip(got["documents"] or [], got["metadatas"] or [], strict=True):
-                stored = _to_stored(doc, dict(meta))
+                stored = to_stored(doc, dict(meta))
                 matches.setdefault(stored.content_hash, stored)
         if not matches:
             return {}
@@ -327,16 +286,7 @@ class ImageStore:
                 ids=[path_id(r.image.path) for r in batch],
                 embeddings=vectors,
                 documents=[r.image.path for r in batch],
-                metadatas=[
-                    {
-                        "size": r.image.size,
-                        "mtime_ns": r.image.mtime_ns,
-                        "content_hash": r.image.content_hash,
-                        "width": r.image.width,
-                        "height": r.image.height,
-                    }
-                    for r in batch
-                ],
+                metadatas=[metadata(r.image) for r in batch],
             )
 
     def delete(self, paths: Sequence[str]) -> None:
@@ -345,8 +295,11 @@ class ImageStore:
         for batch in self._batches(list(paths)):
             collection.delete(ids=[path_id(p) for p in batch])
 
-    def query(self, vector: np.ndarray, k: int, folders: Sequence[Path]) -> list[tuple[StoredImage, float]]:
-        """The `k` nearest stored images under any of `folders`, with their cosine, best first."""
+    def query(
+        self, vector: np.ndarray, k: int, folders: Sequence[Path], filters: Filters | None = None
+    ) -> list[tuple[StoredImage, float]]:
+        """The `k` nearest stored images under any of `folders` that pass `filters`, with their
+        cosine, best first."""
         if self.damage is not None:
             holder = self.lock.holder() if self.lock else "another process"
             raise StoreError(
@@ -359,21 +312,66 @@ class ImageStore:
         prefixes = tuple(str(f).rstrip(os.sep) + os.sep for f in folders)
         query = np.asarray(vector, np.float32)
         wanted = k * OVERFETCH
-        hits = [h for h in self._nearest(query, wanted, None) if h[0].path.startswith(prefixes)]
+        active = filters if filters is not None and filters.active() else None
+        hits = [
+            h
+            for h in self._nearest(query, wanted, None)
+            if h[0].path.startswith(prefixes) and (active is None or active.matches(h[0]))
+        ]
         if len(hits) < k and len(hits) < self.count():
-            # Too few of the nearest lie in these folders (other folders are indexed too):
-            # ask Chroma to filter, which scans every path but cannot come back short.
+            # Too few of the nearest lie in these folders or pass the filters: ask Chroma to
+            # filter, which scans every path but cannot come back short.
             clauses = [{"$regex": prefix_regex(f)} for f in folders]
             where = clauses[0] if len(clauses) == 1 else {"$or": clauses}
-            hits = self._nearest(query, k, where)
+            hits = self._nearest(query, k, where, active.where() if active else None)
         return hits[:k]
 
-    def _nearest(self, vector: np.ndarray, n: int, where: dict[str, Any] | None) -> list[tuple[StoredImage, float]]:
+    def vectors_for(self, paths: Sequence[str]) -> dict[str, np.ndarray]:
+        """The stored embedding of each of these paths that is in the store."""
+        found: dict[str, np.ndarray] = {}
+        if self._collection is None:
+            return found
+        for batch in self._batches(list(dict.fromkeys(paths))):
+            got = self._collection.get(ids=[path_id(p) for p in batch], include=["documents", "embeddings"])
+            vectors = got["embeddings"] if got["embeddings"] is not None else []
+            for doc, vector in zip(got["documents"] or [], vectors, strict=True):
+                found[doc] = np.asarray(vector, np.float32)
+        return found
+
+    def vectors_under(self, folder: Path, *, limit: int) -> tuple[list[StoredImage], np.ndarray]:
+        """Every stored image under `folder` and its embedding, (M, D), in path order.
+
+        Raises:
+            StoreError: more than `limit` images are stored there.
+        """
+        entries = self.entries_under(folder)
+        if len(entries) > limit:
+            raise StoreError(
+                f"{len(entries)} images are indexed under {folder}; the limit for one call is {limit}: pick a subfolder"
+            )
+        paths = sorted(entries)
+        vectors = self.vectors_for(paths)
+        kept = [entries[p] for p in paths if p in vectors]
+        matrix = np.stack([vectors[s.path] for s in kept]) if kept else np.zeros((0, self.info.dim), np.float32)
+        return kept, matrix
+
+    def set_taken(self, dates: dict[str, tuple[int, TakenFrom]]) -> None:
+        """Record capture dates on records written before dates were kept (metadata only)."""
+        collection = self.require_writable()
+        entries = self.entries_for(list(dates))
+        updated = [replace(entries[p], taken=dates[p][0], taken_from=dates[p][1]) for p in dates if p in entries]
+        for batch in self._batches(updated):
+            collection.update(ids=[path_id(s.path) for s in batch], metadatas=[metadata(s) for s in batch])
+
+    def _nearest(
+        self, vector: np.ndarray, n: int, where: dict[str, Any] | None, metadata: dict[str, Any] | None = None
+    ) -> list[tuple[StoredImage, float]]:
         try:
             got = self._collection.query(  # type: ignore[union-attr]
                 query_embeddings=[vector],
                 n_results=n,
                 where_document=where,
+                where=metadata,
                 include=["documents", "metadatas", "distances"],
             )
         except Exception as exc:  # chromadb's InternalError; its type moves between releases
@@ -391,6 +389,6 @@ class ImageStore:
         hits = []
         for doc, meta, dist in zip(got["documents"][0], got["metadatas"][0], got["distances"][0], strict=True):
             # Chroma's cosine space stores 1 - cosine.
-            hits.append((_to_stored(doc, dict(meta)), float(1.0 - dist)))
+            hits.append((to_stored(doc, dict(meta)), float(1.0 - dist)))
         hits.sort(key=lambda h: h[1], reverse=True)
         return hits

@@ -16,7 +16,8 @@ from mcp_types import CallToolResult, ToolAnnotations
 from pydantic import BaseModel, Field
 
 from ..server.encoder import ClipEncoder
-from ..server.images import IMAGE_EXTENSIONS
+from ..server.filters import TakenFrom
+from ..server.images import IMAGE_EXTENSIONS, ImageRejected, read_image_file, read_taken
 from ..server.jobs import JobRequest, JobStatus
 from ..server.paths import PathPolicy, is_utf8, shown
 from ..server.pipeline import BatchDone, IndexPipeline
@@ -96,6 +97,20 @@ def _unchanged(known: StoredImage | None, st: os.stat_result) -> bool:
     return known is not None and known.size == st.st_size and known.mtime_ns == st.st_mtime_ns
 
 
+def _date_undated(store: ImageStore, policy: PathPolicy, paths: list[str]) -> None:
+    """Give records written before capture dates were kept their date: a header read, no
+    re-embedding. A file that cannot be read now keeps its record as it is."""
+    dates: dict[str, tuple[int, TakenFrom]] = {}
+    for path in paths:
+        try:
+            taken = read_taken(read_image_file(Path(path), policy.roots))
+        except ImageRejected:
+            continue
+        # No EXIF date: the store dates the record by its mtime.
+        dates[path] = (taken, "exif") if taken is not None else (0, "mtime")
+    store.set_taken(dates)
+
+
 def index_folder(
     encoder: ClipEncoder,
     store: ImageStore,
@@ -145,6 +160,11 @@ def index_folder(
         known.update(store.entries_for([key for key, _ in linked]))
         todo += [Path(key) for key, st in linked if not _unchanged(known.get(key), st)]
     todo.sort()
+    undated = [
+        key for key in on_disk if key in known and known[key].taken is None and _unchanged(known[key], on_disk[key])
+    ]
+    if undated:
+        _date_undated(store, policy, undated)
     scanned = len(on_disk)
     unchanged = scanned - len(todo)
     counts = {"added": 0, "updated": 0, "reused": 0, "done": 0}
