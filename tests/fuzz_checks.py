@@ -162,7 +162,9 @@ def _check_explain(sb: Sandbox, args: dict[str, Any], out: dict[str, Any], resul
     assert len(out["cosine"]) == n and all(len(row) == n for row in out["cosine"])
     assert all(-1.0001 <= c <= 1.0001 for row in out["cosine"] for c in row)
     assert len(out["readings"]) == n and all(sb.inside(p) for p in out["images"])
-    assert len(_images(result, "image/png")) == 1
+    assert len(_images(result, "image/png")) == 3  # cosine heatmap, temperature what-if, joint matrix
+    assert len(out["temperature_what_if"]) == len(args.get("scales") or out["temperature_what_if"])
+    assert len(out["modality_gap"]["image_image"]) == n
 
 
 def _check_index(sb: Sandbox, args: dict[str, Any], out: dict[str, Any], result: CallToolResult) -> None:
