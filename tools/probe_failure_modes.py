@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field, field_validator
 from ..server.encoder import ClipEncoder
 from ..server.images import IMAGE_EXTENSIONS, load_pictures
 from ..server.paths import MAX_SHOWN_PATH, PathPolicy, shown
-from ..server.probes import MODES, FolderImage, ProbeOutcome, folder_probe, prepare_folder, toy_probe
+from ..server.probes import MODES, FolderImage, ProbeOutcome, failure_texts, folder_probe, prepare_folder, toy_probe
 from ..server.render import heatmap_png
 from ._mcp import engine, image_block, parse, run_core, tool_result
 
@@ -187,7 +187,10 @@ def probe_failure_modes(encoder: ClipEncoder, policy: PathPolicy, request: Probe
 
 
 def heatmaps(result: ProbeResult) -> list[bytes]:
-    return [heatmap_png(np.array(p.cosine), title=f"{p.mode}: cos(image, caption)", cell=48) for p in result.probes]
+    titles = {mode: texts["title"] for mode, texts in failure_texts()["modes"].items()}
+    return [
+        heatmap_png(np.array(p.cosine), title=f"{titles[p.mode]}: cos(image, caption)", cell=48) for p in result.probes
+    ]
 
 
 DESCRIPTION = (
