@@ -100,6 +100,7 @@ def build_server(settings: Settings, engine: AppContext | None = None) -> MCPSer
     when it stops; with one, the caller owns it (the CLI opens it first, to fail early)."""
     from ..prompts import register_prompts
     from ..tools import register_tools
+    from ..tools.ui_app import apps_extension
 
     @asynccontextmanager
     async def lifespan(_: MCPServer[AppContext]) -> AsyncIterator[AppContext]:
@@ -115,7 +116,7 @@ def build_server(settings: Settings, engine: AppContext | None = None) -> MCPSer
             opened.__exit__(None, None, None)
 
     server: MCPServer[AppContext] = MCPServer(
-        "cliplens", instructions=INSTRUCTIONS, version=_version(), lifespan=lifespan
+        "cliplens", instructions=INSTRUCTIONS, version=_version(), lifespan=lifespan, extensions=[apps_extension()]
     )
     register_tools(server)
     register_prompts(server)

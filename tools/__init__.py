@@ -15,6 +15,7 @@ from . import (
     probe_failure_modes,
     search_images,
     train_contrastive_demo,
+    ui_app,
     zero_shot_classify,
 )
 
@@ -33,4 +34,10 @@ TOOL_MODULES = {
 
 def register_tools(server: MCPServer[Any]) -> None:
     for name, module in TOOL_MODULES.items():
-        server.add_tool(module.handle, name=name, description=module.DESCRIPTION, annotations=module.ANNOTATIONS)
+        server.add_tool(
+            module.handle,
+            name=name,
+            description=module.DESCRIPTION,
+            annotations=module.ANNOTATIONS,
+            meta=ui_app.tool_meta(name),  # the MCP App view, for hosts that render one
+        )
