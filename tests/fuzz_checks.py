@@ -188,7 +188,59 @@ def _check_status(sb: Sandbox, args: dict[str, Any], out: dict[str, Any], result
     assert all(sb.inside(j["folder"]) for j in jobs)
 
 
+def _check_compare(sb: Sandbox, args: dict[str, Any], out: dict[str, Any], result: CallToolResult) -> None:
+    n = len(args["images"])
+    assert len(out["images"]) == n and all(sb.inside(p) for p in out["images"])
+    names = [s["name"] for s in out["sets"]]
+    assert out["winner"] in names and sorted(out["ranking"]) == sorted(names) == sorted(out["table_columns"])
+    for report in out["sets"]:
+        assert len(report["predictions"]) == n and all(p["label"] in out["labels"] for p in report["predictions"])
+        if out["truth"] is not None:
+            assert report["correct"] == sum(bool(p["correct"]) for p in report["predictions"])
+    assert len(out["table"]) == n and all(len(row["cells"]) == len(names) for row in out["table"])
+
+
+def _check_duplicates(sb: Sandbox, args: dict[str, Any], out: dict[str, Any], result: CallToolResult) -> None:
+    assert sb.inside(out["folder"])
+    max_groups = args.get("max_groups", 50)
+    if isinstance(max_groups, int):
+        assert len(out["groups"]) <= max_groups
+    threshold = out["threshold"]
+    for group in out["groups"]:
+        assert group["kind"] in ("exact", "near") and group["size"] >= 2 and len(group["members"]) <= 50
+        assert all(sb.inside(m["path"]) for m in group["members"])
+        if group["kind"] == "near":
+            assert group["max_cosine"] >= threshold - 1e-5
+    assert len(_images(result, "image/png")) <= 4
+
+
+def _check_probes(sb: Sandbox, args: dict[str, Any], out: dict[str, Any], result: CallToolResult) -> None:
+    assert out["source"] == "toy" or sb.inside(out["source"])
+    assert 1 <= len(out["probes"]) <= 5
+    for probe in out["probes"]:
+        rows, cols = len(probe["images"]), len(probe["captions"])
+        assert len(probe["cosine"]) == rows and all(len(r) == cols for r in probe["cosine"])
+        assert all(-1.0001 <= c <= 1.0001 for r in probe["cosine"] for c in r)
+        if out["source"] != "toy":
+            assert all(len(name) <= MAX_HIT_PATH for name in probe["images"])
+    assert len(_images(result, "image/png")) == len(out["probes"])
+
+
+def _check_train(sb: Sandbox, args: dict[str, Any], out: dict[str, Any], result: CallToolResult) -> None:
+    n = len(out["pairs"])
+    assert 2 <= n <= 8 and out["steps_run"] <= out["steps_requested"]
+    assert out["stopped_by"] in ("steps", "time") and len(out["loss_curve"]) in (out["steps_run"], out["steps_run"] + 1)
+    for snap in out["snapshots"]:
+        assert len(snap["cosine"]) == n and all(len(r) == n for r in snap["cosine"])
+    assert all(sb.inside(p["image"]) for p in out["pairs"] if out["source"] == "user")
+    assert len(_images(result, "image/png")) == 2
+
+
 LIMITS: dict[str, Callable[[Sandbox, dict[str, Any], dict[str, Any], CallToolResult], None]] = {
+    "compare_prompts": _check_compare,
+    "find_duplicates": _check_duplicates,
+    "probe_failure_modes": _check_probes,
+    "train_contrastive_demo": _check_train,
     "search_images": _check_search,
     "zero_shot_classify": _check_zero_shot,
     "explain_similarity_matrix": _check_explain,

@@ -196,4 +196,15 @@ VALID_CALLS: dict[str, Callable[[Sandbox], dict[str, Any]]] = {
     "search_images": lambda sb: {"query": "a red square", "top_k": 3},
     "zero_shot_classify": lambda sb: {"images": sb.images[:2], "labels": ["red", "blue"]},
     "explain_similarity_matrix": lambda sb: {"images": sb.images[:2], "captions": ["red", "green"]},
+    "compare_prompts": lambda sb: {"images": sb.images[:2], "labels": ["red", "blue"], "truth": ["red", "blue"]},
+    "find_duplicates": lambda sb: {"folder": str(sb.photos), "threshold": 0.9},
+    "probe_failure_modes": lambda sb: {"source": str(sb.photos), "max_images": 3},
+    "train_contrastive_demo": lambda sb: {"images": sb.images[:2], "captions": ["red", "green"], "steps": 3},
+}
+# Calls that train or render many scenes cost seconds each: fewer examples, and the schema's
+# own examples have their cost arguments capped (hostile edits may still push them up).
+EXAMPLE_SHARE = {"train_contrastive_demo": 0.34, "probe_failure_modes": 0.5}
+COST_CAPS = {
+    "train_contrastive_demo": {"steps": 4, "max_seconds": 2.0},
+    "probe_failure_modes": {"samples": 8, "max_images": 3},
 }

@@ -36,7 +36,7 @@ from cliplens.server.config import Settings
 from .conftest import make_image, structured
 from .fuzz_checks import check_reply
 from .fuzz_strategies import tool_arguments
-from .fuzz_support import RECORDER, TOOL_EXAMPLES, VALID_CALLS, Sandbox, _call, _hypothesis, served
+from .fuzz_support import EXAMPLE_SHARE, RECORDER, TOOL_EXAMPLES, VALID_CALLS, Sandbox, _call, _hypothesis, served
 
 # --- the sandbox ------------------------------------------------------------------------------
 
@@ -191,7 +191,9 @@ def test_tools_survive_schema_and_hostile_arguments(settings: Settings, sandbox:
             sandbox.job_ids.append(job["job"]["job_id"])
         outcomes: Counter[str] = Counter()
 
-        @_hypothesis(TOOL_EXAMPLES)
+        examples = max(10, round(TOOL_EXAMPLES * EXAMPLE_SHARE.get(name, 1.0)))
+
+        @_hypothesis(examples)
         @given(tool_arguments(tool, sandbox))
         def one_call(example: tuple[dict[str, Any], bool]) -> None:
             args, must_succeed = example
@@ -221,7 +223,7 @@ def test_tools_survive_schema_and_hostile_arguments(settings: Settings, sandbox:
         touched = [e for e in RECORDER.drain() if sandbox.forbidden(e)]
         assert not touched, touched[:3]
     print(f"\nfuzz {name}: {sum(outcomes.values())} examples {dict(outcomes)} in {time.perf_counter() - started:.1f} s")
-    assert sum(outcomes.values()) >= min(TOOL_EXAMPLES, 10)
+    assert sum(outcomes.values()) >= min(examples, 10)
 
 
 @pytest.mark.parametrize("template", ["{ {}", "{} {x}", "{:>99}{}", "{!r}{}", "{0.__class__}{{}}", "{0:>9999999}{{}}"])
