@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 from .bench import add_bench_command, run_bench_command
 from .config import ENV_ALLOW, Settings
 from .encoder import DEVICES, PRECISIONS, ModelLoadError
+from .filters import Filters
 from .images import ImageRejected
 from .parity import add_parity_command, run_parity_command
 from .store import StoreError
@@ -78,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--top-k", type=int, default=8)
     search.add_argument("--folder")
     search.add_argument("--min-score", type=float)
+    search.add_argument(
+        "--cutoff",
+        choices=("calibrated", "none"),
+        default="calibrated",
+        help="calibrated: only hits that beat generic prompts (default); none: the top k, each flagged",
+    )
+    search.add_argument("--taken-after", metavar="YYYY-MM-DD", help="captured on or after this day (EXIF, else mtime)")
+    search.add_argument("--taken-before", metavar="YYYY-MM-DD", help="captured on or before this day")
 
     classify = sub.add_parser("classify", help="zero-shot classify images")
     _common(classify)
@@ -163,13 +172,19 @@ def _run_tool(args: argparse.Namespace) -> int:
             folder=_absolute([args.folder])[0] if args.folder else None,
             min_score=args.min_score,
             thumbnails=False,
+            cutoff=args.cutoff,
+            filters=Filters(taken_after=args.taken_after, taken_before=args.taken_before)
+            if args.taken_after or args.taken_before
+            else None,
         )
 
         def run(app: AppContext) -> BaseModel:
             return se.search_images(app.encoder, app.store, app.policy, sreq)
 
         def human(r: Any) -> str:
-            return "\n".join(f"{h.rank:3d}  {h.score:+.4f}  {h.path}" for h in r.hits) or r.hint or "no hits"
+            lines = [f"{h.rank:3d}  {h.score:+.4f}  {'✓' if h.confident else ' '}  {h.path}" for h in r.hits]
+            notes = [*r.warnings, r.why, *([r.hint] if r.hint else [])]
+            return "\n".join(lines + notes)
     elif args.command == "classify":
         zreq = zs.ZeroShotInput(images=_absolute(args.images), labels=args.labels, templates=args.templates)
 

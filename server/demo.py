@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 QUERY = "a photo of a red bicycle"
+NEGATED = "a photo of a bicycle that is not red"  # CLIP ignores "not": searched as "... - red"
 FOLDER_SCENES = 300
 EXTRA_RED_BICYCLES = 6  # so a top 8 can be all-correct even in a small folder
 LESSON_PAIRS = (("red", "bicycle"), ("blue", "car"), ("green", "tree"), ("yellow", "boat"), ("purple", "flower"))
@@ -61,6 +62,13 @@ def run_demo(out: Path, *, model: str = "toy", device: str = "auto") -> int:
         print(f"3. search {QUERY!r} (the model never saw a red bicycle in training):")
         for h in s.hits:
             print(f"   {h.rank}. {h.score:+.4f}  {Path(h.path).relative_to(images)}")
+        print(f"   {s.why}")
+        negated = se.search_images(
+            app.encoder, app.store, app.policy, se.SearchImagesInput(query=NEGATED, top_k=4, rewrite_negation=True)
+        )
+        print(f"   {NEGATED!r}: {negated.warnings[0] if negated.warnings else 'no warning'}")
+        for h in negated.hits:
+            print(f"   {h.rank}. {h.score:+.4f}  {Path(h.path).relative_to(images)}  terms {h.contributions}")
         sheet = out / "contact_sheet.png"
         pictures = load_pictures([Path(h.path) for h in s.hits])
         sheet.write_bytes(contact_sheet_png(pictures, [f"{h.rank}. {h.score:.3f}" for h in s.hits]))

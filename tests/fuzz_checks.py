@@ -111,8 +111,9 @@ def names_something(detail: str, schema: dict[str, Any], args: dict[str, Any]) -
     return False
 
 
-def _images(result: CallToolResult, mime: str) -> list[Image.Image]:
-    blocks = [b for b in result.content if b.type == "image"]
+def _images(result: CallToolResult, mime: str, *, only: bool = False) -> list[Image.Image]:
+    """The image blocks of a reply, all of type `mime` (or, with `only`, those of that type)."""
+    blocks = [b for b in result.content if b.type == "image" and (not only or b.mime_type == mime)]
     assert all(b.mime_type == mime for b in blocks), [b.mime_type for b in blocks]
     return [Image.open(io.BytesIO(base64.b64decode(b.data))) for b in blocks]
 
@@ -135,12 +136,21 @@ def _check_search(sb: Sandbox, args: dict[str, Any], out: dict[str, Any], result
         assert len(hit["path"]) <= MAX_HIT_PATH and sb.inside(hit["path"])
         if args.get("folder"):
             assert hit["path"].startswith(folder + os.sep), (hit["path"], folder)
-    thumbs = _images(result, "image/jpeg")
+    blocks = [b.mime_type for b in result.content if b.type == "image"]
+    thumbs = [b for b in blocks if b == "image/jpeg"]
+    # JPEG thumbnails in rank order, then at most one PNG contact sheet.
+    assert blocks == thumbs + ["image/png"] * (len(blocks) - len(thumbs)) and len(blocks) - len(thumbs) <= 1
     assert len(thumbs) <= len(hits)
     if args.get("thumbnails") is False:
-        assert not thumbs
-    assert all(max(t.size) <= MAX_THUMB_SIDE for t in thumbs)
+        assert not blocks
+    assert all(max(t.size) <= MAX_THUMB_SIDE for t in _images(result, "image/jpeg", only=True))
     assert 1 <= len(out["query"]) <= 1000
+    for hit in hits:
+        assert len(hit["contributions"]) == len(out["terms"])
+        assert abs(sum(hit["contributions"]) - hit["score"]) < 1e-4
+        if out["cutoff"] == "calibrated":
+            assert hit["confident"]
+    assert out["confident"] == any(h["confident"] for h in hits) or not hits
 
 
 def _check_zero_shot(sb: Sandbox, args: dict[str, Any], out: dict[str, Any], result: CallToolResult) -> None:

@@ -148,6 +148,12 @@ def _query_text() -> st.SearchStrategy[str]:
     return st.text(min_size=1, max_size=40).filter(lambda s: bool(s.strip()))
 
 
+def _words() -> st.SearchStrategy[str]:
+    # Text a query must accept as words: no operators, weights, quotes or file-like names,
+    # which the query grammar reads as arithmetic or image paths (and may refuse, naming them).
+    return _query_text().filter(lambda s: not set(s) & set('+-*/~."'))
+
+
 def base_args(name: str, sb: Sandbox) -> st.SearchStrategy[dict[str, Any]]:
     """Arguments a correct server must accept, to be made hostile by `hostile_args`."""
     images = st.sampled_from(sb.images)
@@ -165,8 +171,16 @@ def base_args(name: str, sb: Sandbox) -> st.SearchStrategy[dict[str, Any]]:
             "folder": st.sampled_from(sb.folders),
             "min_score": st.floats(-1, 1),
             "thumbnails": st.booleans(),
+            "cutoff": st.sampled_from(["calibrated", "none"]),
+            "rewrite_negation": st.booleans(),
+            "contact_sheet": st.booleans(),
+            "filters": st.fixed_dictionaries(
+                {}, optional={"taken_after": st.just("2000-01-01"), "min_width": st.integers(0, 64)}
+            ),
         }
-        return st.fixed_dictionaries({"query": _query_text()}, optional=optional)
+        image = st.sampled_from([p for p in sb.images if len(p) < 900])  # a query holds 1000 characters
+        arithmetic = st.tuples(_words(), st.floats(0.1, 2), image).map(lambda t: f"{t[0]} + {t[1]:.2f} * {t[2]}")
+        return st.fixed_dictionaries({"query": st.one_of(_words(), arithmetic)}, optional=optional)
     if name == "zero_shot_classify":
         labels = st.lists(_query_text(), min_size=2, max_size=5, unique_by=str.strip)
         # Any text around the slot: a template is the caller's text, like a query.

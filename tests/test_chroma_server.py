@@ -58,7 +58,9 @@ async def test_index_and_search_through_a_chroma_server(settings: Settings, phot
     async with connect(remote) as client:
         again = structured(await client.call_tool("index_folder", {"path": str(photos)}))
         assert again["unchanged"] == 4
-        hits = structured(await client.call_tool("search_images", {"query": "red", "top_k": 4}))["hits"]
+        hits = structured(await client.call_tool("search_images", {"query": "red", "top_k": 4, "cutoff": "none"}))[
+            "hits"
+        ]
         assert len(hits) == 4
 
 

@@ -72,7 +72,7 @@ def test_human_index_lists_skipped_files(capsys: pytest.CaptureFixture[str], com
 def test_search_json_and_human(capsys: pytest.CaptureFixture[str], common: list[str], photos: Path) -> None:
     assert run(capsys, "index", str(photos), "--json", *common)[0] == 0
 
-    code, out, err = run(capsys, "search", "a red square", "--top-k", "3", "--json", *common)
+    code, out, err = run(capsys, "search", "a red square", "--top-k", "3", "--cutoff", "none", "--json", *common)
     assert code == 0, err
     data = json.loads(out)
     assert data["query"] == "a red square" and data["indexed_total"] == 4
@@ -81,17 +81,23 @@ def test_search_json_and_human(capsys: pytest.CaptureFixture[str], common: list[
     assert scores == sorted(scores, reverse=True)
     assert all(Path(h["path"]).is_relative_to(photos) for h in data["hits"])
 
-    code, out, _ = run(capsys, "search", "yellow", "--folder", str(photos / "sub"), "--json", *common)
+    code, out, _ = run(
+        capsys, "search", "yellow", "--folder", str(photos / "sub"), "--cutoff", "none", "--json", *common
+    )
     assert code == 0 and [Path(h["path"]).name for h in json.loads(out)["hits"]] == ["yellow.png"]
 
-    code, out, _ = run(capsys, "search", "a red square", "--top-k", "3", *common)
+    code, out, _ = run(capsys, "search", "a red square", "--top-k", "3", "--cutoff", "none", *common)
     assert code == 0
     rows = out.splitlines()
-    assert len(rows) == 3
-    for rank, row in enumerate(rows, start=1):
-        assert re.fullmatch(rf"\s*{rank}  [+-]\d\.\d{{4}}  {re.escape(str(photos))}/\S+", row), row
+    assert len(rows) == 4  # three hits, then why they are or are not confident matches
+    for rank, row in enumerate(rows[:3], start=1):
+        assert re.fullmatch(rf"\s*{rank}  [+-]\d\.\d{{4}}  [✓ ]  {re.escape(str(photos))}/\S+", row), row
+    assert "confident" in rows[3]
 
-    code, out, _ = run(capsys, "search", "a red square", "--min-score", "1", *common)
+    code, out, _ = run(capsys, "search", "a red square", "--taken-after", "2999-01-01", "--cutoff", "none", *common)
+    assert code == 0 and "2999-01-01" in out
+
+    code, out, _ = run(capsys, "search", "a red square", "--min-score", "1", "--cutoff", "none", *common)
     assert code == 0 and "min_score" in out
 
 

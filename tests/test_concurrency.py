@@ -37,7 +37,7 @@ def assert_consistent(found: dict[str, Any], top_k: int, folder: Path) -> None:
 
 async def test_searches_during_a_background_index_are_consistent(settings: Settings, tmp_path: Path) -> None:
     folder = many_images(settings.allow[0] / "many", 300)
-    query = {"query": "a red square", "top_k": 10, "thumbnails": False}
+    query = {"query": "a red square", "top_k": 10, "thumbnails": False, "cutoff": "none"}
     seen: list[dict[str, Any]] = []
     async with connect(settings) as client:
         started = structured(await client.call_tool("index_folder", {"path": str(folder), "background": True}))
@@ -71,7 +71,9 @@ async def test_a_foreground_index_stops_at_its_time_limit_and_keeps_going_next_c
         message = error_text(stopped)
         assert "0.2 s limit" in message and "background=true" in message
         # The server is fine and answers the next call.
-        assert structured(await client.call_tool("search_images", {"query": "red", "thumbnails": False}))
+        assert structured(
+            await client.call_tool("search_images", {"query": "red", "thumbnails": False, "cutoff": "none"})
+        )
     async with connect(settings) as client:
         done = structured(await client.call_tool("index_folder", {"path": str(folder)}))
     assert done["added"] + done["unchanged"] == done["scanned"] == 600
@@ -96,7 +98,7 @@ async def test_a_read_only_second_server_searches_while_the_first_indexes(
             command=command[0], args=[*command[1:], *serve_args(tiny_clip, db, photos)], env=env
         )
 
-    query = {"query": "a green square", "top_k": 10, "thumbnails": False}
+    query = {"query": "a green square", "top_k": 10, "thumbnails": False, "cutoff": "none"}
     answers: list[dict[str, Any]] = []
     waits: list[str] = []
     indexed: dict[str, Any] = {}

@@ -103,7 +103,9 @@ def snapshot(app: AppContext) -> tuple[dict[str, np.ndarray], list[list[tuple[st
     vectors = {doc: np.asarray(v, np.float32) for doc, v in zip(got["documents"], got["embeddings"], strict=True)}
     hits = []
     for query in QUERIES:
-        result = search_images(app.encoder, app.store, app.policy, SearchImagesInput(query=query, top_k=10))
+        result = search_images(
+            app.encoder, app.store, app.policy, SearchImagesInput(query=query, top_k=10, cutoff="none")
+        )
         assert result.hint is None, result.hint
         hits.append([(h.path, h.score) for h in result.hits])
     return vectors, hits
@@ -216,7 +218,7 @@ def test_a_read_only_process_reports_the_damage_and_leaves_the_store_alone(
         with caplog.at_level(logging.WARNING), open_engine(settings) as app:
             assert app.store.read_only and "is damaged" in caplog.text
             with pytest.raises(StoreError, match=r"damaged.*rebuilds it"):
-                search_images(app.encoder, app.store, app.policy, SearchImagesInput(query="red"))
+                search_images(app.encoder, app.store, app.policy, SearchImagesInput(query="red", cutoff="none"))
     finally:
         holder.release()
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == files
@@ -241,7 +243,7 @@ def test_a_server_rebuilds_in_the_background_and_searches_say_so(
         assert {(j.folder, j.recursive, j.prune) for j in jobs} == {
             (str(p), False, False) for p in {Path(path).parent for path in before[0]}
         }
-        result = search_images(app.encoder, app.store, app.policy, SearchImagesInput(query="red"))
+        result = search_images(app.encoder, app.store, app.policy, SearchImagesInput(query="red", cutoff="none"))
         assert result.hint is not None and "being rebuilt" in result.hint and "0 of 3 folders" in result.hint
         release.set()
         for job in jobs:
@@ -461,7 +463,9 @@ def check_store(settings: Settings, corpus: Corpus) -> None:
         np.testing.assert_allclose(stored, np.stack([by_path[d] for d in docs]), atol=1e-4)
         for query in QUERIES:
             text = app.encoder.embed_texts([query])[0]
-            result = search_images(app.encoder, app.store, app.policy, SearchImagesInput(query=query, top_k=10))
+            result = search_images(
+                app.encoder, app.store, app.policy, SearchImagesInput(query=query, top_k=10, cutoff="none")
+            )
             assert result.hint is None and len(result.hits) == 10
             for hit in result.hits:
                 assert hit.score == pytest.approx(float(by_path[hit.path] @ text), abs=1e-4)

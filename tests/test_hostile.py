@@ -154,7 +154,9 @@ async def test_a_hostile_folder_is_indexed_file_by_file_and_nothing_outside_is_o
     async with connect(settings) as client:
         with audited() as events:
             first = structured(await client.call_tool("index_folder", {"path": str(root)}))
-            search = structured(await client.call_tool("search_images", {"query": "a photo", "top_k": 100}))
+            search = structured(
+                await client.call_tool("search_images", {"query": "a photo", "top_k": 100, "cutoff": "none"})
+            )
         again = structured(await client.call_tool("index_folder", {"path": str(root)}))
         # The server is still whole: a plain folder indexes and searches after all that.
         plain = make_image(root / "after" / "late.png", "blue")
@@ -312,7 +314,9 @@ async def test_the_hostile_folder_over_stdio_where_permissions_hold(
         with errors.open("w") as errlog, anyio.fail_after(TIMEOUT * 2):
             async with Client(stdio_client(params, errlog=errlog)) as client:
                 first = structured(await client.call_tool("index_folder", {"path": str(root)}))
-                search = structured(await client.call_tool("search_images", {"query": "a photo", "top_k": 100}))
+                search = structured(
+                    await client.call_tool("search_images", {"query": "a photo", "top_k": 100, "cutoff": "none"})
+                )
     except Exception:
         print(errors.read_text()[-3000:], file=sys.stderr)
         raise

@@ -172,7 +172,9 @@ async def test_sdk_client_over_http_lists_tools_and_searches(plain: HttpServer, 
             assert {t.name for t in (await client.list_tools()).tools} == TOOLS
             indexed = structured(await client.call_tool("index_folder", {"path": str(http_photos)}))
             assert indexed["scanned"] == 4 and indexed["store_total"] == 4
-            found = structured(await client.call_tool("search_images", {"query": "a blue square", "top_k": 2}))
+            found = structured(
+                await client.call_tool("search_images", {"query": "a blue square", "top_k": 2, "cutoff": "none"})
+            )
             assert [h["rank"] for h in found["hits"]] == [1, 2]
             assert all(Path(h["path"]).parent == http_photos for h in found["hits"])
 

@@ -63,10 +63,10 @@ def plan(client: int, photos: Path, outside: Path) -> list[Call]:
         Call("no_such_tool", {}, error="no_such_tool"),
     ]
     return [
-        Call("search_images", {"query": QUERIES[client % 4], "top_k": 3, "thumbnails": False}),
-        Call("search_images", {"query": QUERIES[(client + 1) % 4], "top_k": 3, "thumbnails": False}),
+        Call("search_images", {"query": QUERIES[client % 4], "top_k": 3, "thumbnails": False, "cutoff": "none"}),
+        Call("search_images", {"query": QUERIES[(client + 1) % 4], "top_k": 3, "thumbnails": False, "cutoff": "none"}),
         # Thumbnails make the answer a few kB of base64 images, streamed alongside the others.
-        Call("search_images", {"query": QUERIES[(client + 2) % 4], "top_k": 2, "thumbnails": True}),
+        Call("search_images", {"query": QUERIES[(client + 2) % 4], "top_k": 2, "thumbnails": True, "cutoff": "none"}),
         Call("zero_shot_classify", {"images": images[client % 2 :: 2], "labels": LABELS}),
         Call("explain_similarity_matrix", {"images": images[:3], "captions": LABELS[:3]}),
         Call("index_status", {}),
@@ -144,8 +144,12 @@ async def test_many_concurrent_calls_over_http_all_get_their_answer(
             assert all(o == outs[0] for o in outs), key
 
     for query in QUERIES:
-        top3 = outputs[Call("search_images", {"query": query, "top_k": 3, "thumbnails": False}).key][0]["hits"]
-        top2 = outputs[Call("search_images", {"query": query, "top_k": 2, "thumbnails": True}).key][0]["hits"]
+        top3 = outputs[Call("search_images", {"query": query, "top_k": 3, "thumbnails": False, "cutoff": "none"}).key][
+            0
+        ]["hits"]
+        top2 = outputs[Call("search_images", {"query": query, "top_k": 2, "thumbnails": True, "cutoff": "none"}).key][
+            0
+        ]["hits"]
         assert top2 == top3[:2], query
 
     # Still alive, and still answering the way it did under load.

@@ -128,7 +128,9 @@ async def test_background_index_then_wait_gives_the_real_result(settings: Settin
         assert result["status"] == "completed" and (job["done"], job["total"]) == (4, 4)
         assert progress and progress[-1] == (4, 4)
 
-        found = structured(await client.call_tool("search_images", {"query": "a red square", "top_k": 8}))
+        found = structured(
+            await client.call_tool("search_images", {"query": "a red square", "top_k": 8, "cutoff": "none"})
+        )
         assert sorted(Path(h["path"]).name for h in found["hits"]) == ["blue.png", "green.jpg", "red.png", "yellow.png"]
 
         listed = structured(await client.call_tool("index_status", {}))

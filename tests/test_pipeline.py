@@ -147,7 +147,9 @@ async def test_moved_and_copied_files_reuse_their_embeddings(settings: Settings,
         (photos / "sub" / "yellow.png").rename(photos / "yellow-moved.png")
         second = structured(await client.call_tool("index_folder", {"path": str(photos)}))
         assert (second["added"], second["reused"], second["removed"]) == (2, 2, 1)
-        hits = structured(await client.call_tool("search_images", {"query": "red", "top_k": 5, "thumbnails": False}))
+        hits = structured(
+            await client.call_tool("search_images", {"query": "red", "top_k": 5, "thumbnails": False, "cutoff": "none"})
+        )
         by_path = {Path(h["path"]).name: h["score"] for h in hits["hits"]}
         assert by_path["red.png"] == pytest.approx(by_path["red-copy.png"], abs=1e-6)
 

@@ -16,9 +16,11 @@ import anyio
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters, stdio_client
 
+from cliplens.tools import TOOL_MODULES
+
 from .conftest import structured
 
-TOOLS = {"index_folder", "index_status", "search_images", "zero_shot_classify", "explain_similarity_matrix"}
+TOOLS = set(TOOL_MODULES)
 TIMEOUT = 60  # seconds, for every subprocess and every wait
 PROTOCOL_VERSION = "2025-06-18"  # a handshake-era version: `initialize` is how the session starts
 
@@ -185,13 +187,14 @@ async def test_sdk_client_over_stdio_lists_tools_indexes_and_searches(
             assert (out["scanned"], out["added"], out["skipped_count"]) == (4, 4, 0)
             assert out["store_total"] == 4 and out["device"] == "cpu"
 
-            result = await client.call_tool("search_images", {"query": "a red square", "top_k": 3})
+            result = await client.call_tool("search_images", {"query": "a red square", "top_k": 3, "cutoff": "none"})
             found = structured(result)
             assert [h["rank"] for h in found["hits"]] == [1, 2, 3]
             assert all(Path(h["path"]).is_relative_to(photos) for h in found["hits"])
             scores = [h["score"] for h in found["hits"]]
             assert scores == sorted(scores, reverse=True) and all(-1 <= s <= 1 for s in scores)
-            assert len([b for b in result.content if b.type == "image"]) == 3
+            # Three JPEG thumbnails and the PNG contact sheet.
+            assert [b.mime_type for b in result.content if b.type == "image"] == ["image/jpeg"] * 3 + ["image/png"]
 
             # A path outside --allow is refused by the real process too.
             refused = await client.call_tool("index_folder", {"path": str(tmp_path)})
