@@ -178,13 +178,15 @@ def decode_image(raw: RawImageFile, *, draft: tuple[int, int] | None = None) -> 
             with Image.open(io.BytesIO(raw.data), formats=formats) as opened:
                 fmt = opened.format or formats[0]
                 full_size = opened.size
-                taken = exif_taken(opened)
                 _check_jpeg_has_data_for(fmt, full_size, len(raw.data))
                 opened.seek(0)  # first frame of animations
                 if draft is not None and fmt == "JPEG":
                     opened.draft(None, draft)
                 decoded_size = opened.size
                 opened.load()  # open() is lazy; decode now, inside the try
+                # After load(): a PNG's getexif() loads the image itself, and exif_taken
+                # swallows errors, so before load() a corrupt file would pass as whole.
+                taken = exif_taken(opened)
                 rotated = ImageOps.exif_transpose(opened)
                 rgb = to_rgb(rotated)
                 if rgb is opened:

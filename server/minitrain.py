@@ -24,8 +24,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
+from .render import font as text_font
 from .toytrain import TrainConfig, build_model, clip_loss
 from .toyworld import render, single_scene
 
@@ -225,10 +226,6 @@ _VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], 
 _PANELS_PER_ROW = 3
 
 
-def _font(size: int = 12) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    return ImageFont.load_default(size=size)
-
-
 def _colour(t: float) -> tuple[int, int, int]:
     t = min(max(t, 0.0), 1.0) * (len(_VIRIDIS) - 1)
     lo = min(int(t), len(_VIRIDIS) - 2)
@@ -260,7 +257,7 @@ def matrix_strip_png(snapshots: Sequence[Snapshot], captions: Sequence[str], nam
     """
     n = snapshots[0].cosine.shape[0]
     cell = 44 if n <= 5 else 38
-    font, small = _font(12), _font(11)
+    font, small = text_font(12), text_font(11)
     label_w, head_h, pad = 26, 52, 16
     panel_w, panel_h = label_w + n * cell + pad, head_h + n * cell + pad
     cols = min(_PANELS_PER_ROW, len(snapshots))
@@ -326,7 +323,7 @@ def loss_curve_png(losses: Sequence[float], marks: Sequence[int], *, chance: flo
     left, right, top, bottom = 62, 20, 34, 52
     img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)
-    font, small = _font(13), _font(11)
+    font, small = text_font(13), text_font(11)
     draw.text((left, 8), "contrastive loss while training", fill="black", font=font)
     last = max(len(losses) - 1, 1)
     y_top = max([*losses, chance or 0.0]) * 1.05 or 1.0

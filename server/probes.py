@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from .encoder import ClipEncoder
+from .render import basic_layout
 from .toyworld import BACKGROUNDS, COLOURS, KINDS, WORDS, Scene, ToyObject, render
 
 MODES = ("counting", "text_in_images", "negation", "spatial", "fine_grained")
@@ -92,7 +93,8 @@ def paint_word(image: Image.Image, word: str, *, at: float = 0.5) -> Image.Image
     """A copy of `image` with `word` printed on a white label across it (a typographic attack)."""
     out = image.convert("RGB")
     draw = ImageDraw.Draw(out)
-    font = ImageFont.load_default(size=max(10, min(out.size) // 6))
+    # The basic layout: `word` is caller text, and raqm can fail on hostile text (see render.font).
+    font = basic_layout(ImageFont.load_default(size=max(10, min(out.size) // 6)))
     box = draw.textbbox((0, 0), word, font=font)
     w, h = box[2] - box[0], box[3] - box[1]
     x, y = (out.width - w) / 2, out.height * at - h / 2

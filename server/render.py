@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import io
 import math
+import threading
 from collections.abc import Sequence
-from functools import lru_cache
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -34,14 +34,32 @@ PAD = 10
 Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
 
 
-@lru_cache(maxsize=16)
-def _font(size: int) -> Font:
-    # DejaVu Sans covers accented Latin, Greek and arrows in captions; Pillow's bundled font
-    # (the fallback where DejaVu is not installed) draws little beyond ASCII.
-    try:
-        return ImageFont.truetype("DejaVuSans.ttf", size)
-    except OSError:
-        return ImageFont.load_default(size=size)
+_THREAD_FONTS = threading.local()
+
+
+def basic_layout(bundled: Font) -> Font:
+    """The same font with Pillow's basic layout (see `font`); a bitmap font has no other."""
+    if isinstance(bundled, ImageFont.FreeTypeFont):
+        return bundled.font_variant(layout_engine=ImageFont.Layout.BASIC)
+    return bundled
+
+
+def font(size: int) -> Font:
+    """A font for drawing caller text (captions, file names) at `size` pixels.
+
+    DejaVu Sans covers accented Latin, Greek and arrows; Pillow's bundled font (the fallback
+    where DejaVu is not installed) draws little beyond ASCII. The layout is Pillow's basic one,
+    not raqm: after some hostile captions raqm fails every later layout in the process (found by
+    fuzzing), and a legend needs no shaping. One font object per thread, because a FreeType face
+    must not be used by two threads at once, and tool calls render in parallel worker threads.
+    """
+    cache: dict[int, Font] = _THREAD_FONTS.__dict__.setdefault("fonts", {})
+    if size not in cache:
+        try:
+            cache[size] = ImageFont.truetype("DejaVuSans.ttf", size, layout_engine=ImageFont.Layout.BASIC)
+        except OSError:
+            cache[size] = basic_layout(ImageFont.load_default(size=size))
+    return cache[size]
 
 
 def _colour(t: float) -> tuple[int, int, int]:
@@ -109,9 +127,9 @@ def _heatmap(
     if len(rows) != n_rows or len(cols) != n_cols:
         raise ValueError(f"{len(rows)} row and {len(cols)} column labels for a {n_rows}×{n_cols} matrix")
     label_size = max(12, min(18, cell // 3 + 4))
-    label_font = _font(label_size)
-    value_font = _font(max(10, min(17, cell // 3 + 1)))
-    title_font, legend_font = _font(18), _font(14)
+    label_font = font(label_size)
+    value_font = font(max(10, min(17, cell // 3 + 1)))
+    title_font, legend_font = font(18), font(14)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     left = PAD + int(max(probe.textlength(r, font=label_font) for r in rows)) + 8
     top = PAD + 26 + label_size + 8
@@ -277,7 +295,7 @@ def heatmap_strip_png(
     strip = Image.new("RGB", (sum(p.width for p in panels), max(p.height for p in panels) + heading), "white")
     if title:
         draw = ImageDraw.Draw(strip)
-        draw.text((PAD, PAD), _fit(draw, title, _font(20), strip.width - 2 * PAD), fill="black", font=_font(20))
+        draw.text((PAD, PAD), _fit(draw, title, font(20), strip.width - 2 * PAD), fill="black", font=font(20))
     x = 0
     for panel in panels:
         strip.paste(panel, (x, heading))
@@ -313,7 +331,7 @@ def contact_sheet_png(
     cols = min(5, max(1, count))
     rows = max(1, (count + cols - 1) // cols)
     gap, band = 10, 30
-    label_font, title_font = _font(max(14, min(20, tile // 7))), _font(20)
+    label_font, title_font = font(max(14, min(20, tile // 7))), font(20)
     heading = 34 if title else 0
     width = cols * (tile + gap) + gap
     sheet = Image.new("RGB", (width, heading + rows * (tile + band + gap) + gap), "white")

@@ -247,7 +247,7 @@ def test_second_process_is_read_only_while_the_first_holds_the_store(
 
         # Two more processes at once (both only read while A holds the lock); this also saves time.
         b_index_proc = start_cli(["index", str(photos), *common], env)
-        b_search_proc = start_cli(["search", "a red square", "--json", *common], env)
+        b_search_proc = start_cli(["search", "a red square", "--cutoff", "none", "--json", *common], env)
         b_index, b_search = finish(b_index_proc), finish(b_search_proc)
 
         assert b_index.returncode == 2, b_index

@@ -29,6 +29,7 @@ from .zero_shot_classify import (
     Images,
     Labels,
     class_embeddings,
+    distinct_labels,
     probabilities,
 )
 
@@ -76,13 +77,7 @@ class CompareInput(BaseModel):
     @field_validator("labels")
     @classmethod
     def _distinct(cls, labels: list[str]) -> list[str]:
-        cleaned = [label.strip() for label in labels]
-        if any(not label for label in cleaned):
-            raise ValueError("labels must not be blank")
-        dupes = sorted({label for label in cleaned if cleaned.count(label) > 1})
-        if dupes:
-            raise ValueError(f"labels must be distinct; repeated: {dupes}")
-        return cleaned
+        return distinct_labels(labels)
 
     @field_validator("template_sets")
     @classmethod

@@ -43,6 +43,17 @@ Templates = Annotated[
 ]
 
 
+def distinct_labels(labels: list[str]) -> list[str]:
+    """Labels stripped; ValueError names a blank or repeated one."""
+    cleaned = [label.strip() for label in labels]
+    if any(not label for label in cleaned):
+        raise ValueError("labels must not be blank")
+    dupes = sorted({label for label in cleaned if cleaned.count(label) > 1})
+    if dupes:
+        raise ValueError(f"labels must be distinct; repeated: {dupes}")
+    return cleaned
+
+
 class ZeroShotInput(BaseModel):
     images: Images
     labels: Labels
@@ -51,13 +62,7 @@ class ZeroShotInput(BaseModel):
     @field_validator("labels")
     @classmethod
     def _distinct(cls, labels: list[str]) -> list[str]:
-        cleaned = [label.strip() for label in labels]
-        if any(not label for label in cleaned):
-            raise ValueError("labels must not be blank")
-        dupes = sorted({label for label in cleaned if cleaned.count(label) > 1})
-        if dupes:
-            raise ValueError(f"labels must be distinct; repeated: {dupes}")
-        return cleaned
+        return distinct_labels(labels)
 
     @field_validator("templates")
     @classmethod
