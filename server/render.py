@@ -291,7 +291,7 @@ def heatmap_strip_png(
         )
         for k, (a, t) in enumerate(zip(arrays, titles, strict=True))
     ]
-    heading = 30 if title else 0
+    heading = PAD + 30 if title else 0  # room for the title's descenders above the panels
     strip = Image.new("RGB", (sum(p.width for p in panels), max(p.height for p in panels) + heading), "white")
     if title:
         draw = ImageDraw.Draw(strip)
