@@ -295,11 +295,8 @@ class ImageStore:
         for batch in self._batches(list(paths)):
             collection.delete(ids=[path_id(p) for p in batch])
 
-    def query(
-        self, vector: np.ndarray, k: int, folders: Sequence[Path], filters: Filters | None = None
-    ) -> list[tuple[StoredImage, float]]:
-        """The `k` nearest stored images under any of `folders` that pass `filters`, with their
-        cosine, best first."""
+    def require_intact(self) -> None:
+        """Raise StoreError when the vector index is damaged: reading it could answer wrongly."""
         if self.damage is not None:
             holder = self.lock.holder() if self.lock else "another process"
             raise StoreError(
@@ -307,6 +304,13 @@ class ImageStore:
                 f"could answer wrongly. The process that holds the store ({holder}) rebuilds it from the image "
                 "files when it starts: restart it, or stop it and run `cliplens index` on any folder."
             )
+
+    def query(
+        self, vector: np.ndarray, k: int, folders: Sequence[Path], filters: Filters | None = None
+    ) -> list[tuple[StoredImage, float]]:
+        """The `k` nearest stored images under any of `folders` that pass `filters`, with their
+        cosine, best first."""
+        self.require_intact()
         if self._collection is None or not folders:
             return []
         prefixes = tuple(str(f).rstrip(os.sep) + os.sep for f in folders)

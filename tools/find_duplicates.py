@@ -24,7 +24,7 @@ from ..server.images import ImageRejected, load_pictures
 from ..server.paths import MAX_SHOWN_PATH, PathPolicy, shown
 from ..server.records import StoredImage
 from ..server.render import contact_sheet_png
-from ..server.store import ImageStore, StoreError
+from ..server.store import ImageStore
 from ._mcp import engine, image_block, parse, run_core, tool_result
 
 MAX_IMAGES = 50_000  # one call compares every pair: ~N²/2 cosines (50k: tens of seconds on a laptop CPU)
@@ -165,11 +165,7 @@ def _sheet(
 def find_duplicates(encoder: ClipEncoder, store: ImageStore, policy: PathPolicy, request: FindDuplicatesInput) -> Found:
     began = time.perf_counter()
     folder = policy.resolve(request.folder, want="dir")
-    if store.damage is not None:
-        raise StoreError(
-            f"the vector index of the store at {store.location} is damaged ({store.damage[:300]}); "
-            "the process that holds the store rebuilds it when it starts: restart it"
-        )
+    store.require_intact()
     images, vectors = store.vectors_under(folder, limit=MAX_IMAGES)
     if not images:
         raise ValueError(
