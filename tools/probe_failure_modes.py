@@ -17,9 +17,10 @@ from mcp_types import CallToolResult, ToolAnnotations
 from pydantic import BaseModel, Field, field_validator
 
 from ..server.encoder import ClipEncoder
+from ..server.folder_probes import FolderImage, folder_probe, prepare_folder
 from ..server.images import IMAGE_EXTENSIONS, load_pictures
 from ..server.paths import MAX_SHOWN_PATH, PathPolicy, shown
-from ..server.probes import MODES, FolderImage, ProbeOutcome, failure_texts, folder_probe, prepare_folder, toy_probe
+from ..server.probes import MODES, ProbeOutcome, failure_texts, toy_probe
 from ..server.render import heatmap_png
 from ._mcp import engine, image_block, parse, run_core, tool_result
 

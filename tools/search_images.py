@@ -17,7 +17,7 @@ from mcp_types import CallToolResult, ContentBlock, ToolAnnotations
 from PIL import Image
 from pydantic import BaseModel, Field, field_validator
 
-from ..server.calibration import Null, collection_null, prompt_null
+from ..server.calibration import Null, collection_null, collection_sample, prompt_null
 from ..server.encoder import ClipEncoder
 from ..server.filters import Filters, show_day
 from ..server.images import ImageRejected, load_image, thumbnail_jpeg
@@ -111,8 +111,8 @@ class Hit(BaseModel):
         description="Each term's share of the score, in the order of `terms`; they sum to it"
     )
     confident: bool = Field(description="Whether the score beats the null by the calibrated margin")
-    null_score: float | None = Field(description="What the null reaches on this image (see null_used); None: no null")
-    margin: float | None = Field(description="score - null_score; confident when above the bar's delta (see why)")
+    null_score: float | None = Field(description="The bar this image must beat (see null_used and why); None: no null")
+    margin: float | None = Field(description="score - null_score; confident when above 0 (see why)")
 
 
 class SearchImagesResult(BaseModel):
@@ -161,7 +161,8 @@ def _null_for(
 ) -> Null | None:
     replaced = [t.kind == "text" and t.weight > 0 for t in terms]
     if any(replaced):
-        return prompt_null(encoder, vectors, [t.weight for t in terms], replaced, candidates)
+        reference = collection_sample(store, folders)[1]
+        return prompt_null(encoder, vectors, [t.weight for t in terms], replaced, candidates, reference)
     return collection_null(store, folders, q, paths, exclude)
 
 
@@ -172,7 +173,7 @@ def _why(null: Null | None, scores: np.ndarray, nulls: np.ndarray, confident: np
             "from an ordinary image for a query made only of images"
         )
     best = int(np.argmax(scores - nulls))
-    bar = nulls[best] + null.delta
+    bar = nulls[best]
     if not confident.any():
         return (
             f"no confident match: the closest call scores {scores[best]:.3f}, below its bar of {bar:.3f}: "
@@ -245,8 +246,7 @@ def search_images(
     paths = [s.path for s in found]
     null = _null_for(encoder, store, folders, terms, vectors, q, X, paths, exclude) if found else None
     nulls = null.scores if null is not None else np.full(len(found), np.inf)
-    delta = null.delta if null is not None else 0.0
-    confident = scores - nulls > delta
+    confident = scores - nulls > 0
     keep = [
         int(i)
         for i in order
