@@ -23,6 +23,7 @@ from ..server.paths import MAX_SHOWN_PATH, PathPolicy, shown
 from ..server.probes import MODES, ProbeOutcome, failure_texts, toy_probe
 from ..server.render import heatmap_png
 from ._mcp import engine, image_block, parse, run_core, tool_result
+from .zero_shot_classify import distinct_labels
 
 TOY = "toy"
 MAX_SAMPLES = 200
@@ -95,14 +96,10 @@ class ProbeInput(BaseModel):
     def _distinct(cls, labels: list[str] | None) -> list[str] | None:
         if labels is None:
             return None
-        cleaned = [label.strip() for label in labels]
         bad = [label for label in labels if not label.strip() or not label.isprintable()]
         if bad:
             raise ValueError(f"labels {bad!r} must be visible, printable class names")
-        dupes = sorted({label for label in cleaned if cleaned.count(label) > 1})
-        if dupes:
-            raise ValueError(f"labels must be distinct; repeated: {dupes}")
-        return cleaned
+        return distinct_labels(labels)
 
 
 class Probe(BaseModel):
