@@ -94,13 +94,18 @@ def red_bicycle_search_text(folder: str) -> str:
     return _read("red_bicycle_search.md").replace("{folder}", _as_data(_checked("folder", folder)))
 
 
+def _split_sections(name: str) -> tuple[str, dict[str, str]]:
+    """A markdown file's text before its first `<!-- section: key -->` marker, and each section by key."""
+    preamble, *rest = _SECTION.split(_read(name))
+    return preamble.strip(), {key: body.strip() for key, body in zip(rest[::2], rest[1::2], strict=True)}
+
+
 @functools.cache
 def _sections() -> tuple[str, dict[str, str]]:
-    preamble, *rest = _SECTION.split(_read("how_clip_works.md"))
-    sections = {key: body.strip() for key, body in zip(rest[::2], rest[1::2], strict=True)}
+    preamble, sections = _split_sections("how_clip_works.md")
     if tuple(sections) != TOPICS[1:]:
         raise RuntimeError(f"how_clip_works.md: sections {list(sections)} do not match {list(TOPICS[1:])}")
-    return preamble.strip(), sections
+    return preamble, sections
 
 
 def how_clip_works_text(topic: str = "all") -> str:
@@ -166,8 +171,7 @@ LESSON_NAMES = tuple(lesson.name for lesson in LESSONS)
 
 @functools.cache
 def _folder_slots() -> dict[str, str]:
-    _, *rest = _SECTION.split(_read("lesson_folder.md"))
-    slots = {key: body.strip() for key, body in zip(rest[::2], rest[1::2], strict=True)}
+    _, slots = _split_sections("lesson_folder.md")
     if set(slots) != {"given", "missing"}:
         raise RuntimeError(f"lesson_folder.md: sections {list(slots)} must be 'given' and 'missing'")
     return slots

@@ -89,19 +89,32 @@ class Null:
         )
 
 
-_SAMPLES: dict[tuple[str, tuple[str, ...], int], tuple[list[str], np.ndarray]] = {}
+# (collection id, folders) -> (collection size when drawn, paths, (R, D) unit vectors)
+_SAMPLES: dict[tuple[str, tuple[str, ...]], tuple[int, list[str], np.ndarray]] = {}
 _SAMPLES_KEPT = 8
 _SAMPLES_LOCK = threading.Lock()
+# A full sample is drawn again once the collection has grown or shrunk by this share; a sample
+# that holds every image of its folders is drawn again at any change.
+SAMPLE_REDRAW_CHANGE = 0.1
+
+
+def _sample_is_current(drawn_at: int, size: int, count: int) -> bool:
+    if size < COLLECTION_SAMPLE:  # every image of the folders: any change shows in it
+        return count == drawn_at
+    return abs(count - drawn_at) <= SAMPLE_REDRAW_CHANGE * drawn_at
 
 
 def collection_sample(store: ImageStore, folders: Sequence[Path]) -> tuple[list[str], np.ndarray]:
     """A seeded sample of up to COLLECTION_SAMPLE stored images under `folders`: their paths and
-    unit vectors (R, D). Drawing it reads every path there, so it is kept until the collection's
-    size changes (a few searches of one folder cost one draw)."""
-    key = (str(store.collection_id), tuple(sorted(str(f) for f in folders)), store.count(max_age=5.0))
+    unit vectors (R, D). Drawing it reads every path there, so it is kept while the collection
+    stays about the same size: a search during a large index does not read every path again for
+    each batch written, and 256 images drawn from N or from 1.1 N tell the same story."""
+    key = (str(store.collection_id), tuple(sorted(str(f) for f in folders)))
+    count = store.count(max_age=5.0)
     with _SAMPLES_LOCK:
-        if key in _SAMPLES:
-            return _SAMPLES[key]
+        cached = _SAMPLES.get(key)
+    if cached is not None and _sample_is_current(cached[0], len(cached[1]), count):
+        return cached[1], cached[2]
     paths = sorted({p for f in folders for p in store.entries_under(f)})
     sample = random.Random(SAMPLE_SEED).sample(paths, min(COLLECTION_SAMPLE, len(paths)))
     vectors = store.vectors_for(sample)
@@ -109,9 +122,10 @@ def collection_sample(store: ImageStore, folders: Sequence[Path]) -> tuple[list[
     matrix = np.stack([np.asarray(vectors[p], np.float64) for p in names]) if names else np.zeros((0, store.info.dim))
     matrix /= np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
     with _SAMPLES_LOCK:
+        _SAMPLES.pop(key, None)
         while len(_SAMPLES) >= _SAMPLES_KEPT:
             _SAMPLES.pop(next(iter(_SAMPLES)))
-        _SAMPLES[key] = (names, matrix)
+        _SAMPLES[key] = (count, names, matrix)
     return names, matrix
 
 

@@ -101,11 +101,12 @@ def similarity_lesson(
     )
 
 
-def rounded(t: torch.Tensor) -> Matrix:
-    return [[round(float(v), 6) for v in row] for row in t]
+def rounded(t: torch.Tensor | np.ndarray, digits: int = 6) -> Matrix:
+    return [[round(float(v), digits) for v in row] for row in t]
 
 
-def _mean_off_diagonal(m: torch.Tensor) -> float:
+def mean_off_diagonal(m: torch.Tensor | np.ndarray) -> float:
+    """The mean of an (N, N) matrix's cells off its diagonal: the mismatched pairs."""
     n = m.shape[0]
     return float((m.sum() - m.diagonal().sum()) / (n * (n - 1)))
 
@@ -202,8 +203,8 @@ def modality_gap(image_vecs: np.ndarray, text_vecs: np.ndarray) -> ModalityGap:
     img = torch.from_numpy(image_vecs).double()
     txt = torch.from_numpy(text_vecs).double()
     ii, tt, it = img @ img.T, txt @ txt.T, img @ txt.T
-    mean_ii, mean_tt = _mean_off_diagonal(ii), _mean_off_diagonal(tt)
-    matched, unmatched = float(it.diagonal().mean()), _mean_off_diagonal(it)
+    mean_ii, mean_tt = mean_off_diagonal(ii), mean_off_diagonal(tt)
+    matched, unmatched = float(it.diagonal().mean()), mean_off_diagonal(it)
     distance = float(torch.linalg.vector_norm(img.mean(dim=0) - txt.mean(dim=0)))
     within = min(mean_ii, mean_tt)
     measured = (

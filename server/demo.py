@@ -44,8 +44,7 @@ def run_demo(out: Path, *, model: str = "toy", device: str = "auto") -> int:
     from .app import open_engine
     from .cli import format_matrix
     from .config import Settings
-    from .images import load_pictures
-    from .render import contact_sheet_png, heatmap_png
+    from .render import heatmap_png
 
     out = out.absolute()
     images = out / "images"
@@ -70,9 +69,10 @@ def run_demo(out: Path, *, model: str = "toy", device: str = "auto") -> int:
         for h in negated.hits:
             print(f"   {h.rank}. {h.score:+.4f}  {Path(h.path).relative_to(images)}  terms {h.contributions}")
         sheet = out / "contact_sheet.png"
-        pictures = load_pictures([Path(h.path) for h in s.hits])
-        sheet.write_bytes(contact_sheet_png(pictures, [f"{h.rank}. {h.score:.3f}" for h in s.hits]))
-        print(f"   contact sheet: {sheet}")
+        _, png = se.render_images(s, app.policy, sheet=True)  # the sheet search_images attaches
+        if png is not None:
+            sheet.write_bytes(png)
+            print(f"   contact sheet: {sheet}")
         request = ex.ExplainInput(images=[str(p) for p, _ in pairs], captions=[c for _, c in pairs])
         e = ex.explain_similarity_matrix(app.encoder, app.policy, request)
         print("4. the 5×5 similarity matrix (rows images, columns captions; the true pairs are on the diagonal):")

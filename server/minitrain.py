@@ -12,7 +12,6 @@ busy machine cannot make a call hang.
 
 from __future__ import annotations
 
-import io
 import math
 import random
 import threading
@@ -27,7 +26,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from .render import font as text_font
-from .toytrain import TrainConfig, build_model, clip_loss
+from .render import to_png, viridis
+from .toytrain import TrainConfig, build_model, clip_loss, diagonal_accuracy
 from .toyworld import render, single_scene
 
 # The five pairs of the README's lesson, drawn from a fixed seed so they are always the same pictures.
@@ -82,13 +82,6 @@ def snapshot_steps(steps: int, count: int) -> list[int]:
     if steps <= 0 or count <= 1:
         return [0, steps] if steps > 0 else [0]
     return sorted({round(k * steps / (count - 1)) for k in range(count)})
-
-
-def diagonal_accuracy(logits: torch.Tensor) -> float:
-    target = torch.arange(logits.shape[0])
-    rows = (logits.argmax(dim=1) == target).double().mean()
-    cols = (logits.argmax(dim=0) == target).double().mean()
-    return float((rows + cols) / 2)
 
 
 def load_processor() -> Any:
@@ -222,22 +215,7 @@ def _train(
 # Drawing: Pillow only. ----------------------------------------------------------------------
 
 # Anchors of matplotlib's viridis: perceptually even and readable by the colour-blind.
-_VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64)
 _PANELS_PER_ROW = 3
-
-
-def _colour(t: float) -> tuple[int, int, int]:
-    t = min(max(t, 0.0), 1.0) * (len(_VIRIDIS) - 1)
-    lo = min(int(t), len(_VIRIDIS) - 2)
-    mix = _VIRIDIS[lo] * (1 - (t - lo)) + _VIRIDIS[lo + 1] * (t - lo)
-    r, g, b = (round(float(c)) for c in mix)
-    return r, g, b
-
-
-def _png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", optimize=True)
-    return buf.getvalue()
 
 
 def loss_text(loss: float) -> str:
@@ -288,7 +266,7 @@ def matrix_strip_png(snapshots: Sequence[Snapshot], captions: Sequence[str], nam
                 value = float(snap.cosine[i, j])
                 t = (value - lo) / span
                 box = (grid_x + j * cell, grid_y + i * cell, grid_x + (j + 1) * cell - 1, grid_y + (i + 1) * cell - 1)
-                draw.rectangle(box, fill=_colour(t))
+                draw.rectangle(box, fill=viridis(t))
                 draw.text(
                     (box[0] + cell // 2, box[1] + cell // 2),
                     f"{value:.2f}",
@@ -305,7 +283,7 @@ def matrix_strip_png(snapshots: Sequence[Snapshot], captions: Sequence[str], nam
     for i, (label, caption) in enumerate(zip(image_labels, captions, strict=True)):
         draw.text((pad, y + 18 + 16 * i), label, fill="black", font=small)
         draw.text((caption_x, y + 18 + 16 * i), f"T{i + 1} = {_clip_text(caption, 60)}", fill="black", font=small)
-    return _png(img)
+    return to_png(img)
 
 
 def _nice_step(span: float, ticks: int = 5) -> float:
@@ -362,4 +340,4 @@ def loss_curve_png(losses: Sequence[float], marks: Sequence[int], *, chance: flo
         if 0 <= s < len(losses):
             x, y = at(s, losses[s])
             draw.ellipse([x - 3.5, y - 3.5, x + 3.5, y + 3.5], fill=(35, 75, 215))
-    return _png(img)
+    return to_png(img)

@@ -62,7 +62,8 @@ def font(size: int) -> Font:
     return cache[size]
 
 
-def _colour(t: float) -> tuple[int, int, int]:
+def viridis(t: float) -> tuple[int, int, int]:
+    """The colour of t in [0, 1] (clamped) on the viridis scale; grey where t is not finite."""
     if not math.isfinite(t):
         return NOT_FINITE
     t = min(max(t, 0.0), 1.0) * (len(_VIRIDIS) - 1)
@@ -164,7 +165,7 @@ def _heatmap(
         for j in range(n_cols):
             x0 = left + j * cell
             value = float(matrix[i, j])
-            rgb = _colour((value - lo) / span)
+            rgb = viridis((value - lo) / span)
             draw.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=rgb)
             if show_values:
                 text = _value_text(value, decimals)
@@ -197,13 +198,14 @@ def _draw_colour_bar(
 ) -> None:
     """A vertical viridis bar, maximum at the top, with its two end values printed beside it."""
     for k in range(height):
-        draw.line([x, top + k, x + BAR_WIDTH - 1, top + k], fill=_colour(1 - k / max(height - 1, 1)))
+        draw.line([x, top + k, x + BAR_WIDTH - 1, top + k], fill=viridis(1 - k / max(height - 1, 1)))
     draw.rectangle([x - 1, top - 1, x + BAR_WIDTH, top + height], outline="black")
     draw.text((x + BAR_WIDTH + 4, top), f"{hi:.2f}", fill="black", font=font, anchor="lt")
     draw.text((x + BAR_WIDTH + 4, top + height), f"{lo:.2f}", fill="black", font=font, anchor="lb")
 
 
-def _png(img: Image.Image) -> bytes:
+def to_png(img: Image.Image) -> bytes:
+    """`img` as optimised PNG bytes."""
     buf = io.BytesIO()
     img.save(buf, format="PNG", optimize=True)
     return buf.getvalue()
@@ -231,7 +233,7 @@ def heatmap_png(
     `cell` is the cell size in pixels; by default it shrinks with the matrix to keep it on a screen.
     """
     rows, cols = np.shape(matrix)[:2] if np.ndim(matrix) == 2 else (0, 0)
-    return _png(
+    return to_png(
         _heatmap(
             matrix,
             title=title,
@@ -300,7 +302,7 @@ def heatmap_strip_png(
     for panel in panels:
         strip.paste(panel, (x, heading))
         x += panel.width
-    return _png(strip)
+    return to_png(strip)
 
 
 def joint_heatmap_png(
@@ -349,4 +351,4 @@ def contact_sheet_png(
         draw.rectangle([x, y + tile, x + tile - 1, y + tile + band - 1], fill=(30, 30, 30))
         text = _fit(draw, label, label_font, tile - 8)
         draw.text((x + tile / 2, y + tile + band / 2), text, fill="white", font=label_font, anchor="mm")
-    return _png(sheet)
+    return to_png(sheet)

@@ -256,18 +256,12 @@ class ImageStore:
                 matches.setdefault(stored.content_hash, stored)
         if not matches:
             return {}
-        by_id = {path_id(s.path): s for s in matches.values()}
         try:
-            got = self._collection.get(ids=list(by_id), include=["embeddings"])
+            vectors = self.vectors_for([s.path for s in matches.values()])
         except Exception as exc:  # chromadb raises InternalError and friends; none is fatal here
             log.warning("could not read stored vectors for reuse (%s); embedding those files again", exc)
             return {}
-        vectors = got["embeddings"] if got["embeddings"] is not None else []
-        found: dict[str, tuple[StoredImage, np.ndarray]] = {}
-        for record_id, vector in zip(got["ids"], vectors, strict=True):
-            stored = by_id[record_id]
-            found[stored.content_hash] = (stored, np.asarray(vector, np.float32))
-        return found
+        return {s.content_hash: (s, vectors[s.path]) for s in matches.values() if s.path in vectors}
 
     def _batches(self, items: Sequence[Any]) -> Iterator[Sequence[Any]]:
         for start in range(0, len(items), self.max_batch):
@@ -368,14 +362,14 @@ class ImageStore:
             collection.update(ids=[path_id(s.path) for s in batch], metadatas=[metadata(s) for s in batch])
 
     def _nearest(
-        self, vector: np.ndarray, n: int, where: dict[str, Any] | None, metadata: dict[str, Any] | None = None
+        self, vector: np.ndarray, n: int, where: dict[str, Any] | None, where_metadata: dict[str, Any] | None = None
     ) -> list[tuple[StoredImage, float]]:
         try:
             got = self._collection.query(  # type: ignore[union-attr]
                 query_embeddings=[vector],
                 n_results=n,
                 where_document=where,
-                where=metadata,
+                where=where_metadata,
                 include=["documents", "metadatas", "distances"],
             )
         except Exception as exc:  # chromadb's InternalError; its type moves between releases

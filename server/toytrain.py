@@ -132,6 +132,14 @@ def clip_loss(logits_per_image: torch.Tensor) -> torch.Tensor:
     return (F.cross_entropy(logits_per_image, target) + F.cross_entropy(logits_per_image.T, target)) / 2
 
 
+def diagonal_accuracy(logits: torch.Tensor) -> float:
+    """Share of rows (image→text) and columns (text→image) whose true pair wins, averaged."""
+    target = torch.arange(logits.shape[0], device=logits.device)
+    rows = (logits.argmax(dim=1) == target).double().mean()
+    cols = (logits.argmax(dim=0) == target).double().mean()
+    return float((rows + cols) / 2)
+
+
 @dataclass
 class StepLog:
     step: int
@@ -197,13 +205,11 @@ def train(
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))  # CLIP caps the temperature at 100
         if step % log_every == 0 or step == steps - 1:
-            target = torch.arange(len(idx))
-            diag = ((logits.argmax(1) == target).float().mean() + (logits.argmax(0) == target).float().mean()) / 2
             entry = StepLog(
                 step,
                 (step + 1) * cfg.batch,
                 float(loss.detach()),
-                float(diag),
+                diagonal_accuracy(logits.detach()),
                 float(model.logit_scale.detach().exp()),
                 round(time.perf_counter() - started, 1),
             )

@@ -12,12 +12,12 @@ from cliplens.server.render import (
     MIN_CELL_WITH_VALUE,
     NOT_FINITE,
     OUTLINE,
-    _colour,
     auto_cell,
     contact_sheet_png,
     heatmap_png,
     heatmap_strip_png,
     joint_heatmap_png,
+    viridis,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -80,7 +80,7 @@ def test_cells_are_coloured_by_value_on_the_given_scale() -> None:
     left, top, cell = int(xs.min()) - 60, int(ys.min()) - 60, 60  # the outline is around cell (1, 1)
     for (i, j), value in np.ndenumerate(matrix):
         corner = pixels[top + i * cell + 6, left + j * cell + 6]  # inside the cell, clear of the printed value
-        assert tuple(corner) == _colour(value), (i, j)
+        assert tuple(corner) == viridis(value), (i, j)
 
 
 def test_colour_bar_runs_from_max_at_top_to_min_at_bottom() -> None:
@@ -92,8 +92,8 @@ def test_colour_bar_runs_from_max_at_top_to_min_at_bottom() -> None:
     column = pixels[:, bars[len(bars) // 2]]
     coloured = np.nonzero((column.max(axis=1) - column.min(axis=1)) > 40)[0]
     top, bottom = column[coloured[0] + 1], column[coloured[-1] - 1]
-    assert np.abs(top - np.array(_colour(1.0))).max() <= 12
-    assert np.abs(bottom - np.array(_colour(0.0))).max() <= 12
+    assert np.abs(top - np.array(viridis(1.0))).max() <= 12
+    assert np.abs(bottom - np.array(viridis(0.0))).max() <= 12
 
 
 def test_sixteen_by_sixteen_stays_legible_with_values_in_the_cells() -> None:

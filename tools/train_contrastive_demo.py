@@ -18,6 +18,7 @@ from mcp.server.mcpserver import Context
 from mcp_types import CallToolResult, ToolAnnotations
 from pydantic import BaseModel, Field, model_validator
 
+from ..server.contrastive import Matrix, mean_off_diagonal, rounded
 from ..server.images import load_pictures
 from ..server.minitrain import (
     DemoRun,
@@ -57,8 +58,6 @@ MaxSeconds = Annotated[
     float,
     Field(ge=1.0, le=MAX_SECONDS, description=f"Wall-clock cap on the training loop, 1 to {MAX_SECONDS:g} seconds"),
 ]
-
-Matrix = list[list[float]]
 
 
 class TrainDemoInput(BaseModel):
@@ -138,14 +137,8 @@ class TrainDemoResult(BaseModel):
 
 
 def _means(cosine: np.ndarray) -> tuple[float, float]:
-    n = cosine.shape[0]
-    diag = float(np.trace(cosine) / n)
-    off = float((cosine.sum() - np.trace(cosine)) / (n * n - n))
-    return diag, off
-
-
-def _rounded(matrix: np.ndarray) -> Matrix:
-    return [[round(float(v), 5) for v in row] for row in matrix]
+    """(mean cosine of the true pairs, of the mismatched ones)."""
+    return float(np.trace(cosine) / cosine.shape[0]), mean_off_diagonal(cosine)
 
 
 def _snapshot_out(snap: Snapshot) -> SnapshotOut:
@@ -157,8 +150,8 @@ def _snapshot_out(snap: Snapshot) -> SnapshotOut:
         logit_scale=round(snap.logit_scale, 4),
         diagonal_mean=round(diag, 5),
         off_diagonal_mean=round(off, 5),
-        cosine=_rounded(snap.cosine),
-        logits=_rounded(snap.logits),
+        cosine=rounded(snap.cosine, 5),
+        logits=rounded(snap.logits, 5),
     )
 
 
